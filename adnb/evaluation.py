@@ -1,0 +1,127 @@
+"""Scoring a trained detector on a category's test set, the same way for every method.
+
+Maps are scored at the model's resolution (the masks resized, coverage ≥ 0.5) or at each image's
+native resolution (the maps upsampled bilinearly to the original mask, the MVTec protocol).
+Inference speed is timed on the model's forward passes alone, images already in memory.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from adnb.data.images import read_mask
+from adnb.data.layout import Category
+from adnb.metrics import PixelAccumulator, image_auroc
+from adnb.methods.base import Detector
+from adnb.runtime.device import describe
+from adnb.runtime.errors import AdnbError
+from adnb.runtime.progress import progress
+from adnb.runtime.records import make_record
+
+RESOLUTIONS = ("model", "native")
+
+
+@dataclass
+class Evaluation:
+    """Metrics and what they were computed from."""
+
+    metrics: dict[str, float | None]
+    scores: np.ndarray
+    labels: np.ndarray
+    defects: list[str]
+    maps: torch.Tensor  # (N, S, S) at the model's resolution, on the CPU
+    images: torch.Tensor  # (N, 3, S, S) uint8, the test images as the model saw them
+    masks: torch.Tensor | None  # (N, S, S) bool at the model's resolution
+    resolution: str
+    precision: str
+    infer_images_per_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def table(self) -> dict[str, str]:
+        return {k: ("—" if v is None else f"{v:.3f}") for k, v in self.metrics.items()}
+
+
+@torch.no_grad()
+def predict_all(detector: Detector, images: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Scores and maps for uint8 ``images`` (N×3×S×S), and the seconds spent in ``predict``."""
+    device, seconds = detector.device, 0.0
+    scores, maps = [], []
+    for start in progress(range(0, len(images), batch_size), desc="scoring"):
+        batch = images[start:start + batch_size].to(device).float().div_(255)
+        t = time.perf_counter()
+        pred = detector.predict(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds += time.perf_counter() - t
+        scores.append(pred.scores.float().cpu())
+        maps.append(pred.maps.float().cpu())
+    return torch.cat(scores), torch.cat(maps), seconds
+
+
+def evaluate(detector: Detector, category: Category, *, resolution: str = "model", batch_size: int = 8,
+             limit: int | None = None, seed: int = 0) -> Evaluation:
+    """Image AUROC, pixel AUROC and AUPRO of ``detector`` on ``category``'s test set."""
+    if resolution not in RESOLUTIONS:
+        raise AdnbError(f"unknown evaluation resolution {resolution!r}; valid: {', '.join(RESOLUTIONS)}")
+    detector.eval()
+    split = category.load("test", detector.image_size, limit=limit, seed=seed)
+    scores, maps, seconds = predict_all(detector, split.images, batch_size)
+    labels = split.labels.numpy()
+    metrics: dict[str, float | None] = {"image_auroc": image_auroc(scores.numpy(), labels),
+                                        "pixel_auroc": None, "aupro": None}
+    acc = PixelAccumulator()
+    if split.masks is not None:
+        for i, sample in enumerate(split.samples):
+            if resolution == "model":
+                acc.update(maps[i].numpy(), split.masks[i].numpy())
+                continue
+            mask = read_mask(sample.mask) if sample.mask is not None else None
+            if mask is None:
+                from adnb.data.images import image_size
+
+                mask = np.zeros(image_size(sample.image), bool)
+            native = F.interpolate(maps[i][None, None], size=mask.shape, mode="bilinear", align_corners=False)[0, 0]
+            acc.update(native.numpy(), mask)
+        metrics.update(acc.compute())
+    return Evaluation(metrics, scores.numpy(), labels, [s.defect for s in split.samples], maps, split.images,
+                      split.masks, resolution, acc.precision if split.masks is not None else "no masks",
+                      len(split) / max(seconds, 1e-9))
+
+
+@torch.no_grad()
+def throughput(detector: Detector, batch_size: int, n_images: int = 16, warmup: int = 1) -> float:
+    """Images per second of ``detector.predict`` at ``batch_size`` on random input (a benchmark)."""
+    detector.eval()
+    s = detector.image_size
+    x = torch.rand(batch_size, 3, s, s, device=detector.device)
+    for _ in range(warmup):
+        detector.predict(x)
+    n_batches = max(1, n_images // batch_size)
+    t = time.perf_counter()
+    for _ in range(n_batches):
+        detector.predict(x)
+    if detector.device.type == "cuda":
+        torch.cuda.synchronize(detector.device)
+    return n_batches * batch_size / (time.perf_counter() - t)
+
+
+def result_record(detector: Detector, category: Category, evaluation: Evaluation, *, preset: str,
+                  **extra: Any) -> dict[str, Any]:
+    """The results record of one trained detector on one category (see the contract).
+
+    Training time, weight sources and the checkpoint come from the detector itself (set by
+    ``Detector.store``/``restore``); ``extra`` adds fields such as ``peak_memory_mb`` or ``variant``.
+    """
+    return make_record(
+        method=detector.method, dataset=category.dataset, category=category.name, preset=preset,
+        device=describe(detector.device), image_size=detector.image_size, metrics=evaluation.metrics,
+        train_seconds=detector.train_seconds, infer_images_per_s=evaluation.infer_images_per_s,
+        n_params=detector.n_params(), weights=detector.weights or {"all": "trained-here"},
+        checkpoint=detector.checkpoint, eval_resolution=evaluation.resolution,
+        metrics_precision=evaluation.precision, n_test=len(evaluation.labels), **extra)

@@ -1,0 +1,147 @@
+"""What every method is: a ``Detector`` that turns images into image scores and anomaly maps.
+
+A method module (``adnb.methods.fair`` …) provides
+
+- a frozen ``Config`` dataclass (with at least ``image_size``),
+- a ``Detector`` subclass built from that config, whose ``predict`` maps a batch of images in
+  [0, 1] at ``config.image_size`` to ``Prediction(scores, maps)``,
+- ``fit(config, images, *, device, cache, force_train) -> Detector``.
+
+Everything a trained detector needs lives in its ``state_dict`` (tensors only), so a checkpoint is
+``weights.pt`` plus a JSON sidecar naming the method and its config; ``load_detector`` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import nn
+
+from adnb.runtime.cache import CacheEntry
+from adnb.runtime.errors import AdnbError
+
+REGISTRY: dict[str, type[Detector]] = {}
+
+
+class Prediction(NamedTuple):
+    scores: torch.Tensor  # (B,) one anomaly score per image
+    maps: torch.Tensor  # (B, H, W) anomaly map at the model's resolution
+
+
+class Detector(nn.Module):
+    """Base class of every trained model in the book."""
+
+    method: ClassVar[str] = ""
+    config_class: ClassVar[type]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.method:
+            REGISTRY[cls.method] = cls
+
+    def __init__(self, config: Any):
+        super().__init__()
+        self.config = config
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config.image_size)
+
+    @property
+    def device(self) -> torch.device:
+        tensor = next(iter(self.parameters()), None)
+        if tensor is None:
+            tensor = next(iter(self.buffers()))
+        return tensor.device
+
+    def predict(self, images: torch.Tensor) -> Prediction:
+        """Scores and maps for ``images`` (B×3×S×S, float in [0, 1], S = ``image_size``)."""
+        raise NotImplementedError
+
+    def n_params(self) -> int:
+        """Number of parameters (trainable and frozen) the detector holds."""
+        return sum(p.numel() for p in self.parameters())
+
+    # Set by ``store``/``restore``: how the detector was trained and where its weights lie.
+    train_seconds: float = 0.0
+    checkpoint: Path | None = None
+    fit_info: dict[str, Any]
+
+    def restore(self, cache: CacheEntry | None, force_train: bool = False) -> bool:
+        """Load trained weights from ``cache`` if present; ``force_train`` deletes them instead.
+
+        Returns True when the detector is ready (nothing to train).
+        """
+        if cache is None:
+            return False
+        if force_train:
+            cache.clear()
+            return False
+        if not cache.exists():
+            return False
+        state, sidecar = cache.load()
+        self.load_state(state)
+        self.fit_info = sidecar.get("info", {})
+        self.train_seconds = float(self.fit_info.get("train_seconds", 0.0))
+        self.checkpoint = cache.weights_path
+        print(f"loaded trained {self.method} weights from {cache.folder} "
+              f"(trained in {self.train_seconds:.0f} s; force_train=True retrains)")
+        return True
+
+    def store(self, cache: CacheEntry | None, train_seconds: float, **info: Any) -> Detector:
+        """Record the training time and facts (e.g. ``weights={"backbone": "imagenet"}``) and save."""
+        self.train_seconds = float(train_seconds)
+        self.fit_info = {"train_seconds": self.train_seconds, **info}
+        if cache is not None:
+            self.checkpoint = cache.save(self.state_dict(), {"info": self.fit_info})
+        return self
+
+    @property
+    def weights(self) -> dict[str, str]:
+        """Where each pretrained part's weights came from (``{}`` when all was trained here)."""
+        return dict(getattr(self, "fit_info", {}).get("weights", {}))
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> Detector:
+        """Load ``state``, resizing buffers whose size depends on the training data (templates, banks)."""
+        for name, buffer in list(self.named_buffers()):
+            if name in state and state[name].shape != buffer.shape:
+                owner, _, attr = name.rpartition(".")
+                module = self.get_submodule(owner) if owner else self
+                module.register_buffer(attr, torch.empty_like(state[name], device=buffer.device))
+        self.load_state_dict(state)
+        return self
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def build_detector(method: str, config: dict[str, Any] | Any) -> Detector:
+    if method not in REGISTRY:
+        raise AdnbError(f"unknown method {method!r}; known: {', '.join(sorted(REGISTRY))}")
+    cls = REGISTRY[method]
+    if isinstance(config, dict):
+        fields = {f.name: f for f in dataclasses.fields(cls.config_class)}
+        config = cls.config_class(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if k in fields})
+    return cls(config)
+
+
+def load_detector(checkpoint: str | Path, device: str | torch.device = "cpu") -> Detector:
+    """Rebuild a trained detector from ``weights.pt`` (its ``weights.json`` sidecar lies beside it)."""
+    import adnb.methods  # noqa: F401 - registers every method
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / "weights.pt"
+    sidecar = path.with_suffix(".json")
+    if not path.is_file() or not sidecar.is_file():
+        raise AdnbError(f"no checkpoint at {path} (with its sidecar {sidecar.name}); the results record's "
+                        "'checkpoint' field gives the path of a trained model")
+    spec = json.loads(sidecar.read_text())["spec"]
+    detector = build_detector(spec["method"], spec["config"])
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return detector.load_state(state).to(device).eval()

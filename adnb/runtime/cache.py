@@ -1,0 +1,163 @@
+"""The training cache: trained weights keyed by configuration, with resumable checkpoints.
+
+An entry is a folder ``<cache>/<method>/<key>/`` where ``key`` hashes the method, its
+configuration and a fingerprint of the training images. It holds
+
+- ``weights.pt``   — the trained model: tensors only, loadable with ``torch.load(weights_only=True)``;
+- ``weights.json`` — the sidecar: method, configuration, versions, training time;
+- ``checkpoint.pt`` — while training: the last finished epoch (model, optimiser, RNG), so an
+  interrupted run resumes instead of starting over.
+
+A re-run with the same configuration loads ``weights.pt`` instead of retraining;
+``force_train=True`` deletes the entry first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from adnb import __version__
+from adnb.runtime import paths
+from adnb.runtime.errors import TrainingInterrupted
+from adnb.runtime.progress import progress
+
+CACHE_FORMAT = 1
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+def config_key(spec: Mapping[str, Any]) -> str:
+    """A short stable hash of a JSON-able mapping (dataclasses are turned into dicts)."""
+    text = json.dumps(_jsonable(spec), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(dataclasses.asdict(value))
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    """Write to a temporary file and rename, so an interrupt never leaves half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class CacheEntry:
+    """One trained model's folder in the cache (see the module docstring)."""
+
+    def __init__(self, folder: Path, spec: Mapping[str, Any]):
+        self.folder = Path(folder)
+        self.spec = _jsonable(spec)
+
+    @property
+    def weights_path(self) -> Path:
+        return self.folder / "weights.pt"
+
+    @property
+    def sidecar_path(self) -> Path:
+        return self.folder / "weights.json"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.folder / "checkpoint.pt"
+
+    def exists(self) -> bool:
+        return self.weights_path.is_file() and self.sidecar_path.is_file()
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def save(self, state: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> Path:
+        """Store the final weights and the sidecar; drop the resume checkpoint."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _atomic_save({k: v.detach().cpu() for k, v in state.items()}, self.weights_path)
+        sidecar = {"spec": self.spec, **_jsonable(dict(info)), "adnb_version": __version__,
+                   "torch_version": torch.__version__, "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.sidecar_path.write_text(json.dumps(sidecar, indent=2))
+        self.checkpoint_path.unlink(missing_ok=True)
+        return self.weights_path
+
+    def load(self, map_location: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        state = torch.load(self.weights_path, map_location=map_location, weights_only=True)
+        return state, json.loads(self.sidecar_path.read_text())
+
+    def save_checkpoint(self, checkpoint: Mapping[str, Any]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _atomic_save(dict(checkpoint), self.checkpoint_path)
+
+    def load_checkpoint(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+        if not self.checkpoint_path.is_file():
+            return None
+        return torch.load(self.checkpoint_path, map_location=map_location, weights_only=True)
+
+
+def entry(method: str, config: Any, data_fingerprint: str, root: Path | str | None = None,
+          stage: str = "model") -> CacheEntry:
+    """The cache entry for ``method`` trained with ``config`` on the data of ``data_fingerprint``.
+
+    ``stage`` separates several trained parts of one method (e.g. D3AD's autoencoder and its
+    denoiser), each cached and resumed on its own.
+    """
+    spec = {"format": CACHE_FORMAT, "method": method, "stage": stage, "config": config, "data": data_fingerprint}
+    root = Path(root) if root else paths.cache_dir()
+    return CacheEntry(root / method / f"{stage}-{config_key(spec)}", spec)
+
+
+def train_loop(
+    epochs: int,
+    run_epoch: Callable[[int], Mapping[str, float]],
+    state: Mapping[str, Stateful],
+    checkpoint: CacheEntry | None = None,
+    desc: str = "training",
+) -> list[dict[str, float]]:
+    """Run ``run_epoch(epoch)`` for ``epochs`` epochs, checkpointing after each one.
+
+    ``state`` names everything that must survive an interruption (models, optimisers,
+    schedulers). If ``checkpoint`` holds a half-finished run, training resumes after its last
+    epoch with the same RNG state. Returns one dict of logged values per epoch.
+    """
+    start, history = 0, []
+    saved = checkpoint.load_checkpoint() if checkpoint else None
+    if saved is not None:
+        for name, obj in state.items():
+            obj.load_state_dict(saved["state"][name])
+        torch.set_rng_state(saved["rng"])
+        start, history = int(saved["epoch"]), list(saved["history"])
+        print(f"{desc}: resuming from the checkpoint after epoch {start}/{epochs}")
+    bar = progress(range(start, epochs), total=epochs, initial=start, desc=desc)
+    epoch = start
+    try:
+        for epoch in bar:
+            logs = {k: float(v) for k, v in run_epoch(epoch).items()}
+            history.append(logs)
+            bar.set_postfix(logs)
+            if checkpoint is not None:
+                checkpoint.save_checkpoint({"epoch": epoch + 1, "history": history, "rng": torch.get_rng_state(),
+                                            "state": {k: v.state_dict() for k, v in state.items()}})
+    except KeyboardInterrupt:
+        where = f"the checkpoint {checkpoint.checkpoint_path} keeps epoch {len(history)}" if checkpoint else "no checkpoint was kept (no cache)"
+        raise TrainingInterrupted(f"{desc} was interrupted during epoch {epoch + 1}/{epochs}; {where}. "
+                                  "Run the same cell again to resume.") from None
+    return history

@@ -1,0 +1,82 @@
+"""Results records: one JSON file per notebook run and category (fields fixed by the contract).
+
+Later chapters (the benchmark) and the tests read these files instead of re-running anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adnb import __version__
+from adnb.runtime import paths
+
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro")
+REQUIRED_KEYS = ("method", "dataset", "category", "preset", "device", "image_size", "metrics", "train_seconds",
+                 "infer_images_per_s", "n_params", "weights", "checkpoint", "adnb_version", "torch_version", "created")
+
+
+def make_record(
+    *,
+    method: str,
+    dataset: str,
+    category: str,
+    preset: str,
+    device: str,
+    image_size: int,
+    metrics: Mapping[str, float | None],
+    train_seconds: float,
+    infer_images_per_s: float,
+    n_params: int,
+    weights: Mapping[str, str],
+    checkpoint: str | Path | None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Build a record; ``extra`` keys (peak memory, evaluation resolution, notes…) ride along."""
+    missing = [k for k in METRIC_KEYS if k not in metrics]
+    if missing:
+        raise ValueError(f"metrics lack {missing}; give None where the data has no masks")
+    return {
+        "method": method, "dataset": dataset, "category": category, "preset": preset, "device": device,
+        "image_size": int(image_size),
+        "metrics": {k: (None if metrics[k] is None else float(metrics[k])) for k in METRIC_KEYS},
+        "train_seconds": float(train_seconds), "infer_images_per_s": float(infer_images_per_s),
+        "n_params": int(n_params), "weights": dict(weights),
+        "checkpoint": None if checkpoint is None else str(checkpoint),
+        "adnb_version": __version__, "torch_version": torch.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra,
+    }
+
+
+def record_path(record: Mapping[str, Any], root: Path | None = None) -> Path:
+    root = Path(root) if root else paths.results_dir()
+    name = record["method"] + (f"-{record['variant']}" if record.get("variant") else "")
+    return root / record["preset"] / record["dataset"] / record["category"] / f"{name}.json"
+
+
+def write_record(record: Mapping[str, Any], root: Path | None = None) -> Path:
+    """Write ``record`` and return its path (also logged for the runner, which prints it)."""
+    path = record_path(record, root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
+    log = os.environ.get("ADNB_RECORD_LOG")
+    if log:
+        with open(log, "a") as fh:
+            fh.write(f"{path}\n")
+    return path
+
+
+def load_records(root: Path | None = None, *, preset: str | None = None, dataset: str | None = None,
+                 method: str | None = None) -> list[dict[str, Any]]:
+    """All records under ``root`` matching the filters, oldest first."""
+    root = Path(root) if root else paths.results_dir()
+    records = [json.loads(p.read_text()) for p in sorted(root.glob("*/*/*/*.json"))]
+    keep = [r for r in records if (preset is None or r["preset"] == preset) and (dataset is None or r["dataset"] == dataset)
+            and (method is None or r["method"] == method)]
+    return sorted(keep, key=lambda r: r["created"])

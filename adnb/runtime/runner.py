@@ -1,0 +1,200 @@
+"""The notebook runner behind ``make book`` and ``python -m adnb run``: papermill with guard rails.
+
+- parameters come from the preset's YAML, then ``--data-root``/``--category``, then ``-p`` pairs;
+  an unknown name or a value of the wrong type fails before anything runs, listing the valid ones;
+- the kernel runs in batch mode (``ADNB_BATCH=1``: no progress bars, no widgets);
+- the executed copy gets its injected-parameters cell collapsed (``hide-cell``) and any widget
+  debris removed, ready for Jupyter Book;
+- a failing cell ends the run with one message naming the notebook, the cell and the error;
+- the results records the run wrote are returned (and printed by the CLI).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import yaml
+
+from adnb.runtime import paths
+from adnb.runtime.errors import AdnbError
+from adnb.runtime.presets import load_preset
+
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "list": list, "dict": dict}
+
+
+@dataclass
+class RunResult:
+    notebook: Path
+    output: Path
+    records: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class NotebookFailed(AdnbError):
+    """A cell of a notebook raised; the message names the notebook, the cell and the error."""
+
+
+def find_notebook(name: str | Path) -> Path:
+    """A notebook path, or a chapter name such as ``fair`` or ``02_fair_frequency_filters``."""
+    path = Path(name)
+    if path.suffix == ".ipynb" and path.is_file():
+        return path.resolve()
+    candidates = sorted(paths.notebooks_dir().glob("*.ipynb"))
+    matches = [p for p in candidates if p.stem == path.stem or f"_{path.stem.lower()}" in f"_{p.stem.lower()}"]
+    if len(matches) == 1:
+        return matches[0]
+    names = ", ".join(p.stem for p in candidates) or "(none found)"
+    what = "is ambiguous" if matches else "is not a notebook file or a chapter name"
+    raise AdnbError(f"{str(name)!r} {what}; chapters: {names}")
+
+
+def notebook_parameters(notebook: Path) -> dict[str, dict[str, Any]]:
+    """The ``parameters`` cell's names with their declared type, default and help comment."""
+    import papermill
+
+    return dict(papermill.inspect_notebook(str(notebook)))
+
+
+def parse_value(text: str) -> Any:
+    """A ``-p`` value, read as YAML: ``3`` is an int, ``true`` a bool, ``[a, b]`` a list."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def check_parameters(notebook: Path, values: Mapping[str, Any]) -> None:
+    declared = notebook_parameters(notebook)
+    valid = ", ".join(sorted(declared))
+    unknown = sorted(set(values) - set(declared))
+    if unknown:
+        raise AdnbError(f"unknown parameter(s) {', '.join(unknown)} for {notebook.name}; valid: {valid}")
+    for key, value in values.items():
+        kind = TYPES.get(str(declared[key].get("inferred_type_name")).split("[")[0])
+        if kind is None or value is None:
+            continue
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            want = declared[key]["inferred_type_name"]
+            raise AdnbError(f"parameter {key}={value!r} of {notebook.name} should be {want} "
+                            f"(default {declared[key]['default']}); {declared[key].get('help') or ''}".rstrip("; "))
+
+
+@contextlib.contextmanager
+def _batch_environment(record_log: Path) -> Iterator[None]:
+    saved = dict(os.environ)
+    os.environ.update({"ADNB_BATCH": "1", "TQDM_DISABLE": "1", "ADNB_RECORD_LOG": str(record_log),
+                       "PYDEVD_DISABLE_FILE_VALIDATION": "1", "MPLBACKEND": "module://matplotlib_inline.backend_inline"})
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def finalize(output: Path) -> None:
+    """Collapse the injected-parameters cell and drop widget debris from an executed notebook."""
+    nb = nbformat.read(output, as_version=4)
+    for cell in nb.cells:
+        tags = cell.metadata.setdefault("tags", [])
+        if "injected-parameters" in tags and "hide-cell" not in tags:
+            tags.append("hide-cell")
+        if cell.cell_type == "code":
+            for out in cell.get("outputs", []):
+                data = out.get("data", {})
+                if WIDGET_MIME in data:
+                    data.pop(WIDGET_MIME)
+                    if set(data) == {"text/plain"}:
+                        data.pop("text/plain")
+            cell.outputs = [o for o in cell.get("outputs", []) if o.get("output_type") != "display_data" or o.get("data")]
+    nb.metadata.pop("widgets", None)
+    nbformat.write(nb, output)
+
+
+def run_notebook(notebook: str | Path, *, preset: str = "cpu", parameters: Mapping[str, Any] | None = None,
+                 output: str | Path | None = None, timeout: int | None = None) -> RunResult:
+    """Execute ``notebook`` with papermill at ``preset`` (plus ``parameters``) into ``output``."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    source = find_notebook(notebook)
+    values = {**load_preset(preset, source), **(parameters or {})}
+    check_parameters(source, values)
+    output = Path(output) if output else paths.home() / "runs" / preset / source.name
+    output.parent.mkdir(parents=True, exist_ok=True)
+    timeout = timeout or int(os.environ.get("ADNB_CELL_TIMEOUT", "3600"))
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "records.txt"
+        start = time.perf_counter()
+        with _batch_environment(log):
+            try:
+                papermill.execute_notebook(str(source), str(output), parameters=values, kernel_name="python3",
+                                           cwd=str(source.parent), execution_timeout=timeout, progress_bar=False)
+            except PapermillExecutionError as exc:
+                first = next((line for line in exc.source.splitlines() if line.strip()), "")
+                raise NotebookFailed(
+                    f"{source.name} failed in cell {exc.cell_index} (execution count {exc.exec_count}): "
+                    f"{exc.ename}: {exc.evalue}\n  the cell begins: {first[:100]}\n"
+                    f"  the executed notebook, with the full traceback, is {output}") from None
+        seconds = time.perf_counter() - start
+        records = [Path(line) for line in dict.fromkeys(log.read_text().split())] if log.exists() else []
+    finalize(output)
+    return RunResult(source, output, records, seconds)
+
+
+def toc_chapters(toc: Path | None = None) -> list[tuple[Path, Path]]:
+    """(source notebook, executed copy) for every executed chapter listed in ``_toc.yml``.
+
+    The table of contents lists the executed copies under ``book/chapters/``; their sources are
+    the notebooks of the same name in ``notebooks/``.
+    """
+    toc = toc or paths.REPO_ROOT / "_toc.yml"
+    files: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("file"), str):
+                files.append(node["file"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(yaml.safe_load(toc.read_text()))
+    chapters = []
+    for entry in files:
+        executed = paths.REPO_ROOT / (entry if entry.endswith(".ipynb") else entry + ".ipynb")
+        if executed.parent.name == "chapters":
+            source = paths.notebooks_dir() / executed.name
+            if not source.is_file():
+                raise AdnbError(f"_toc.yml lists {entry} but there is no source notebook {source}")
+            chapters.append((source, executed))
+    return chapters
+
+
+def build(preset: str = "cpu", keep_going: bool = False) -> list[RunResult]:
+    """Execute every chapter of ``_toc.yml`` at ``preset`` into the book tree, in order."""
+    results, failures = [], []
+    for source, executed in toc_chapters():
+        print(f"[{preset}] {source.name} ...", flush=True)
+        try:
+            result = run_notebook(source, preset=preset, output=executed)
+        except NotebookFailed as exc:
+            if not keep_going:
+                raise
+            failures.append(str(exc))
+            continue
+        results.append(result)
+        print(f"[{preset}] {source.name} done in {result.seconds:.0f} s", flush=True)
+    if failures:
+        raise NotebookFailed(f"{len(failures)} notebook(s) failed:\n" + "\n".join(failures))
+    return results
