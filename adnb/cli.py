@@ -42,10 +42,19 @@ def _cmd_book(args: argparse.Namespace) -> int:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from adnb.data import default_dataset
-
     if args.action == "prepare":
+        from adnb.data import default_dataset
+
         print(default_dataset())
+    elif args.action == "download-mvtec":
+        from adnb.data.download import MVTEC_AD, download_mvtec
+
+        print(f"MVTec AD is licensed {MVTEC_AD.licence}", file=sys.stderr)
+        print(download_mvtec(args.root, args.category or None))
+    elif args.action == "convert-visa":
+        from adnb.data.convert import convert_visa
+
+        print("\n".join(convert_visa(args.source, args.dest)))
     return 0
 
 
@@ -75,8 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     book.add_argument("--keep-going", action="store_true", help="run the remaining chapters after a failure")
     book.set_defaults(func=_cmd_book)
 
-    data = sub.add_parser("data", help="prepare or fetch datasets", description="Prepare or fetch datasets.")
-    data.add_argument("action", choices=["prepare"], help="prepare: generate the embedded dataset (cached); prints its root")
+    data = sub.add_parser("data", help="prepare, download or convert datasets",
+                          description="Prepare, download or convert datasets.")
+    verbs = data.add_subparsers(dest="action", required=True)
+    verbs.add_parser("prepare", help="generate the embedded dataset (cached); prints its root")
+    mvtec = verbs.add_parser("download-mvtec", help="download MVTec AD (resumable, checksum-verified); prints the root",
+                             description="Download and extract MVTec AD under ROOT. Offline, it prints the manual steps.")
+    mvtec.add_argument("root", help="folder that will hold <category>/train, test, ground_truth")
+    mvtec.add_argument("--category", action="append", help="extract only this category (repeatable)")
+    visa = verbs.add_parser("convert-visa", help="lay VisA out as MVTec AD (binarising its masks)",
+                            description="Convert VisA (with split_csv/1cls.csv) into the MVTec AD layout.")
+    visa.add_argument("source", help="VisA root (holds split_csv/1cls.csv)")
+    visa.add_argument("dest", help="output root in MVTec AD layout")
     data.set_defaults(func=_cmd_data)
     return parser
 

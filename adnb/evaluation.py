@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from adnb.data.images import read_mask
-from adnb.data.layout import Category
+from adnb.data.images import image_size, read_mask
+from adnb.data.layout import Category, Sample
 from adnb.metrics import PixelAccumulator, image_auroc
 from adnb.methods.base import Detector
 from adnb.runtime.device import describe
@@ -34,7 +34,7 @@ class Evaluation:
     metrics: dict[str, float | None]
     scores: np.ndarray
     labels: np.ndarray
-    defects: list[str]
+    samples: list[Sample]
     maps: torch.Tensor  # (N, S, S) at the model's resolution, on the CPU
     images: torch.Tensor  # (N, 3, S, S) uint8, the test images as the model saw them
     masks: torch.Tensor | None  # (N, S, S) bool at the model's resolution
@@ -43,8 +43,17 @@ class Evaluation:
     infer_images_per_s: float
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def defects(self) -> list[str]:
+        return [s.defect for s in self.samples]
+
     def table(self) -> dict[str, str]:
         return {k: ("—" if v is None else f"{v:.3f}") for k, v in self.metrics.items()}
+
+
+def native_mask(sample: Sample) -> np.ndarray:
+    """The sample's ground truth at its image's own size (all normal for a good image)."""
+    return read_mask(sample.mask) if sample.mask is not None else np.zeros(image_size(sample.image), bool)
 
 
 @torch.no_grad()
@@ -81,15 +90,11 @@ def evaluate(detector: Detector, category: Category, *, resolution: str = "model
             if resolution == "model":
                 acc.update(maps[i].numpy(), split.masks[i].numpy())
                 continue
-            mask = read_mask(sample.mask) if sample.mask is not None else None
-            if mask is None:
-                from adnb.data.images import image_size
-
-                mask = np.zeros(image_size(sample.image), bool)
+            mask = native_mask(sample)
             native = F.interpolate(maps[i][None, None], size=mask.shape, mode="bilinear", align_corners=False)[0, 0]
             acc.update(native.numpy(), mask)
         metrics.update(acc.compute())
-    return Evaluation(metrics, scores.numpy(), labels, [s.defect for s in split.samples], maps, split.images,
+    return Evaluation(metrics, scores.numpy(), labels, split.samples, maps, split.images,
                       split.masks, resolution, acc.precision if split.masks is not None else "no masks",
                       len(split) / max(seconds, 1e-9))
 

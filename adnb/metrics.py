@@ -60,6 +60,11 @@ def aupro(maps: Iterable[np.ndarray], masks: Iterable[np.ndarray], limit: float 
     return _collect(maps, masks).aupro(limit)
 
 
+def pro_curve(maps: Iterable[np.ndarray], masks: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The exact PRO curve's vertices (FPR, PRO), from (0, 0) to (1, 1)."""
+    return _collect(maps, masks).curve()
+
+
 def pixel_metrics(maps: Iterable[np.ndarray], masks: Iterable[np.ndarray], limit: float = 0.3) -> dict[str, float]:
     """Pixel AUROC and AUPRO from one pass over the maps (what ``evaluate`` uses)."""
     stats = _collect(maps, masks)

@@ -55,6 +55,10 @@ class EmbeddedSpec:
     n_test_good: int = 12
     n_test_per_defect: int = 7
 
+    def __post_init__(self) -> None:
+        if self.size < 64:
+            raise ValueError(f"the embedded dataset is drawn at 64 px or more (got {self.size})")
+
     @property
     def folder_name(self) -> str:
         return f"adnb-embedded-v{VERSION}-s{self.seed}-{self.size}px-{self.n_train}"
