@@ -177,10 +177,10 @@ def load_category(root: str | Path, category: str | None = None, *, mask_suffix:
     ``""`` for BTAD and VisA); ``None`` tries both and keeps the one that pairs.
     """
     root = Path(root).expanduser()
-    folder = root if (root / "train").is_dir() and not category else root / (category or "")
-    if not category or folder == root:
-        category = folder.name
-        dataset = dataset or folder.parent.name
+    if (root / "train").is_dir() and category in (None, "", root.name):  # the root is the category folder
+        folder, category, dataset = root, root.name, dataset or root.parent.name
+    else:
+        folder = root / (category or "")
     if not (folder / "train").is_dir():
         valid = list_categories(root) if root.is_dir() else []
         hint = f"categories found there: {', '.join(valid)}" if valid else "no folder there has a train/ subfolder"

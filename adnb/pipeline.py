@@ -1,0 +1,68 @@
+"""A method's whole recipe without Jupyter: preset → config → fit (cached) → evaluate → record.
+
+What ``python -m adnb train`` runs. The preset's notebook parameters are matched by name to the
+method's ``Config`` fields and to the extra keyword arguments of its ``fit`` (such as a texture
+folder), so a chapter and the command line train the same model from the same preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from adnb.data.layout import Category
+from adnb.evaluation import Evaluation, evaluate, result_record
+from adnb.methods import METHODS
+from adnb.methods.base import REGISTRY, Detector
+from adnb.runtime import cache
+from adnb.runtime.errors import AdnbError
+from adnb.runtime.records import write_record
+from adnb.runtime.timing import Measure
+
+STANDARD_FIT_ARGS = {"config", "images", "device", "cache", "force_train"}
+
+
+def method_module(method: str) -> Any:
+    if method not in METHODS or method not in REGISTRY:
+        raise AdnbError(f"unknown method {method!r}; available: {', '.join(m for m in METHODS if m in REGISTRY)}")
+    return importlib.import_module(f"adnb.methods.{method}")
+
+
+def config_for(method: str, params: Mapping[str, Any]) -> Any:
+    """The method's Config with every field that ``params`` names set from it."""
+    config_class = REGISTRY[method].config_class
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    return config_class(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in params.items() if k in fields})
+
+
+def fit_extras(method: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of the method's ``fit`` beyond the standard ones, taken from ``params``."""
+    signature = inspect.signature(method_module(method).fit)
+    return {name: params[name] for name in signature.parameters if name not in STANDARD_FIT_ARGS and name in params}
+
+
+def train_category(method: str, params: Mapping[str, Any], category: Category, *, device: Any,
+                   force_train: bool = False) -> tuple[Detector, float]:
+    """Fit (or load from the cache) ``method`` on ``category``; returns the detector and peak memory (MB)."""
+    module, config = method_module(method), config_for(method, params)
+    train = category.load("train", config.image_size, limit=int(params.get("max_train") or 0) or None)
+    entry = cache.entry(method, config, category.fingerprint())
+    with Measure(device) as measured:
+        detector = module.fit(config, train.float_images(), device=device, cache=entry, force_train=force_train,
+                              **fit_extras(method, params))
+    return detector, measured.peak_mb
+
+
+def evaluate_and_record(detector: Detector, category: Category, params: Mapping[str, Any], preset: str,
+                        **extra: Any) -> tuple[Evaluation | None, Path | None]:
+    """Evaluate on the test set (when it has both kinds of images) and write the results record."""
+    labels = {s.label for s in category.test}
+    if labels != {0, 1}:
+        return None, None
+    result = evaluate(detector, category, resolution=str(params.get("eval_resolution") or "model"),
+                      limit=int(params.get("max_test") or 0) or None, seed=int(params.get("seed") or 0))
+    return result, write_record(result_record(detector, category, result, preset=preset, **extra))

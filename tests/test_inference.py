@@ -1,0 +1,74 @@
+"""Scoring new images with a checkpoint, and the train/score commands, on the baseline detector."""
+
+from __future__ import annotations
+
+import csv
+
+import cv2
+import numpy as np
+import pytest
+
+from adnb import cli
+from adnb.data import embedded
+from adnb.inference import Scorer, collect_images
+from adnb.runtime.errors import AdnbError
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    spec = embedded.EmbeddedSpec(size=64, n_train=6, n_test_good=2, n_test_per_defect=1)
+    return embedded.generate(tmp_path_factory.mktemp("data"), spec, workers=1)
+
+
+@pytest.fixture
+def checkpoint(dataset, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ADNB_HOME", str(tmp_path / "home"))
+    assert cli.main(["train", "baseline", "--preset", "ci", "--data-root", str(dataset), "--category", "washer",
+                     "-p", "image_size", "32"]) == 0
+    lines = capsys.readouterr().out.split("\n")
+    assert lines[1].startswith("record: ") and lines[1].endswith("washer/baseline.json")
+    return lines[0].removeprefix("checkpoint: ")
+
+
+def test_scorer_maps_come_back_at_each_images_own_size(checkpoint, tmp_path):
+    scorer = Scorer.from_checkpoint(checkpoint, device="cpu")
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 255, (50, 70), np.uint8)
+    cv2.imwrite(str(tmp_path / "wide.jpg"), rng.integers(0, 255, (40, 90, 3), np.uint8))
+    results = scorer.batch([grey, tmp_path / "wide.jpg"])
+    assert [r.map.shape for r in results] == [(50, 70), (40, 90)]
+    assert all(np.isfinite(r.score) for r in results)
+    single = scorer(grey)
+    assert single.score == pytest.approx(results[0].score, rel=1e-5)
+
+
+def test_score_command_writes_csv_and_overlays(checkpoint, dataset, tmp_path):
+    out = tmp_path / "scores"
+    good = dataset / "washer" / "test" / "good"
+    assert cli.main(["score", "--checkpoint", checkpoint, str(good), str(dataset / "washer" / "test" / "stain"),
+                     "--out", str(out), "--threshold", "5"]) == 0
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    assert len(rows) == 3 and {r["anomalous"] for r in rows} <= {"0", "1"}
+    for row in rows:
+        overlay = cv2.imread(str(out / row["overlay"]))
+        assert overlay.shape == (64, 64, 3)
+
+
+def test_train_without_a_test_set_only_trains(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ADNB_HOME", str(tmp_path / "home"))
+    good = tmp_path / "mine" / "train" / "good"
+    good.mkdir(parents=True)
+    for i in range(3):
+        cv2.imwrite(str(good / f"{i}.png"), np.full((20, 30, 3), 40 * i, np.uint8))
+    assert cli.main(["train", "baseline", "--data-root", str(tmp_path / "mine"), "-p", "image_size", "16"]) == 0
+    captured = capsys.readouterr()
+    assert "not evaluated" in captured.err and "record:" not in captured.out
+
+
+def test_clear_errors_for_bad_inputs(tmp_path, capsys):
+    with pytest.raises(AdnbError, match="no images found"):
+        collect_images([tmp_path])
+    assert cli.main(["score", "--checkpoint", str(tmp_path / "none.pt"), str(tmp_path)]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+    assert cli.main(["train", "nosuch"]) == 2
+    assert "unknown method 'nosuch'" in capsys.readouterr().err
