@@ -16,10 +16,8 @@ from typing import Any
 
 from adnb.data.layout import Category
 from adnb.evaluation import Evaluation, evaluate, result_record
-from adnb.methods import METHODS
-from adnb.methods.base import REGISTRY, Detector
+from adnb.methods.base import Detector, detector_class
 from adnb.runtime import cache
-from adnb.runtime.errors import AdnbError
 from adnb.runtime.records import write_record
 from adnb.runtime.timing import Measure
 
@@ -27,14 +25,13 @@ STANDARD_FIT_ARGS = {"config", "images", "device", "cache", "force_train"}
 
 
 def method_module(method: str) -> Any:
-    if method not in METHODS or method not in REGISTRY:
-        raise AdnbError(f"unknown method {method!r}; available: {', '.join(m for m in METHODS if m in REGISTRY)}")
+    detector_class(method)  # a clear error for an unknown name
     return importlib.import_module(f"adnb.methods.{method}")
 
 
 def config_for(method: str, params: Mapping[str, Any]) -> Any:
     """The method's Config with every field that ``params`` names set from it."""
-    config_class = REGISTRY[method].config_class
+    config_class = detector_class(method).config_class
     fields = {f.name for f in dataclasses.fields(config_class)}
     return config_class(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in params.items() if k in fields})
 

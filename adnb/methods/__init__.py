@@ -1,13 +1,11 @@
-"""One module per method. Importing this package registers every detector for ``load_detector``."""
+"""One module per method, imported on demand (a chapter pays only for its own method's imports).
 
-import importlib
-import importlib.util
+``load_detector`` and ``adnb.pipeline`` import ``adnb.methods.<name>`` when they first need it;
+importing the module registers its detector.
+"""
 
 from adnb.methods.base import Detector, Prediction, load_detector
 
 METHODS = ("baseline", "fair", "pyramidflow", "d3ad", "realnet")
-for _name in METHODS:
-    if importlib.util.find_spec(f"adnb.methods.{_name}") is not None:
-        importlib.import_module(f"adnb.methods.{_name}")
 
 __all__ = ["METHODS", "Detector", "Prediction", "load_detector"]

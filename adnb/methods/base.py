@@ -14,6 +14,7 @@ Everything a trained detector needs lives in its ``state_dict`` (tensors only), 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -120,10 +121,19 @@ def config_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def build_detector(method: str, config: dict[str, Any] | Any) -> Detector:
+def detector_class(method: str) -> type[Detector]:
+    """The detector class of ``method``, importing ``adnb.methods.<method>`` on first use."""
+    from adnb.methods import METHODS
+
+    if method not in REGISTRY and method in METHODS:
+        importlib.import_module(f"adnb.methods.{method}")
     if method not in REGISTRY:
-        raise AdnbError(f"unknown method {method!r}; known: {', '.join(sorted(REGISTRY))}")
-    cls = REGISTRY[method]
+        raise AdnbError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    return REGISTRY[method]
+
+
+def build_detector(method: str, config: dict[str, Any] | Any) -> Detector:
+    cls = detector_class(method)
     if isinstance(config, dict):
         fields = {f.name: f for f in dataclasses.fields(cls.config_class)}
         config = cls.config_class(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if k in fields})
@@ -132,8 +142,6 @@ def build_detector(method: str, config: dict[str, Any] | Any) -> Detector:
 
 def load_detector(checkpoint: str | Path, device: str | torch.device = "cpu") -> Detector:
     """Rebuild a trained detector from ``weights.pt`` (its ``weights.json`` sidecar lies beside it)."""
-    import adnb.methods  # noqa: F401 - registers every method
-
     path = Path(checkpoint)
     if path.is_dir():
         path = path / "weights.pt"
