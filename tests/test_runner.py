@@ -115,4 +115,4 @@ def test_every_preset_file_names_real_parameters(notebook, preset):
     path = presets.PRESETS_DIR / preset / f"{key}.yaml"
     assert path.is_file(), f"missing preset file {path}"
     runner.check_parameters(notebook, presets.load_preset(preset, notebook))
-    assert yaml.safe_load(path.read_text()).get("preset", preset) == preset
+    assert (yaml.safe_load(path.read_text()) or {}).get("preset", preset) == preset

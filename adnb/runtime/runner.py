@@ -25,7 +25,7 @@ import yaml
 
 from adnb.runtime import paths
 from adnb.runtime.errors import AdnbError
-from adnb.runtime.presets import load_preset
+from adnb.runtime.presets import chapter_key, load_preset
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "list": list, "dict": dict}
@@ -49,7 +49,7 @@ def find_notebook(name: str | Path) -> Path:
     if path.suffix == ".ipynb" and path.is_file():
         return path.resolve()
     candidates = sorted(paths.notebooks_dir().glob("*.ipynb"))
-    matches = [p for p in candidates if p.stem == path.stem or f"_{path.stem.lower()}" in f"_{p.stem.lower()}"]
+    matches = [p for p in candidates if p.stem == path.stem or chapter_key(p) == path.stem.lower()]
     if len(matches) == 1:
         return matches[0]
     names = ", ".join(p.stem for p in candidates) or "(none found)"
