@@ -258,7 +258,7 @@ class PixelAccumulator:
         fpr = np.cumsum(normal[used][::-1]) / n_normal
         pro = np.cumsum(weight[used][::-1]) / self.n_regions
         fpr, pro = _close_curve(fpr, pro)
-        return {"pixel_auroc": auroc, "aupro": trapezoid(fpr, pro, limit) / limit}
+        return {"pixel_auroc": auroc, "aupro": float(trapezoid(fpr, pro, limit) / limit)}
 
     @property
     def precision(self) -> str:
