@@ -18,6 +18,7 @@ from adnb.data.layout import Category
 from adnb.evaluation import Evaluation, evaluate, result_record
 from adnb.methods.base import Detector, detector_class
 from adnb.runtime import cache
+from adnb.runtime.errors import AdnbError
 from adnb.runtime.records import write_record
 from adnb.runtime.timing import Measure
 
@@ -45,13 +46,50 @@ def fit_extras(method: str, params: Mapping[str, Any]) -> dict[str, Any]:
 def train_category(method: str, params: Mapping[str, Any], category: Category, *, device: Any,
                    force_train: bool = False) -> tuple[Detector, float]:
     """Fit (or load from the cache) ``method`` on ``category``; returns the detector and peak memory (MB)."""
-    module, config = method_module(method), config_for(method, params)
-    train = category.load("train", config.image_size, limit=int(params.get("max_train") or 0) or None)
-    entry = cache.entry(method, config, category.fingerprint())
+    module, config, extras = method_module(method), config_for(method, params), fit_extras(method, params)
+    limit = int(params.get("max_train") or 0) or None
+    train = category.load("train", config.image_size, limit=limit)
     with Measure(device) as measured:
+        if method == "realnet":
+            config, extras = _realnet_inputs(config, params, category, limit, device=device, force_train=force_train)
+        entry = cache.entry(method, config, category.fingerprint())
         detector = module.fit(config, train.float_images(), device=device, cache=entry, force_train=force_train,
-                              **fit_extras(method, params))
+                              **extras)
     return detector, measured.peak_mb
+
+
+SDAS_PARAMS = {"sdas_size": "image_size", "sdas_channels": "channels", "sdas_attention": "attention",
+               "sdas_layers": "layers_per_block", "sdas_epochs": "epochs", "sdas_batch": "batch_size",
+               "sdas_lr": "lr", "sdas_ema": "ema", "sdas_steps": "sample_steps", "seed": "seed"}
+
+
+def _realnet_inputs(config: Any, params: Mapping[str, Any], category: Category, limit: int | None, *,
+                    device: Any, force_train: bool) -> tuple[Any, dict[str, Any]]:
+    """RealNet's foreground rule and SIA anomaly source for one category, as its chapter builds them.
+
+    The chapter trains one class-conditional SDAS model over all categories; here it is trained on
+    this category alone (cached under the same key the chapter uses for a one-category run).
+    """
+    from adnb.methods import realnet
+    from adnb.synthesis import TextureSource
+
+    config = dataclasses.replace(config, foreground=realnet.foreground_rule(category.dataset, category.name))
+    if config.source == "perlin":
+        return config, {"source": TextureSource.procedural(config.image_size)}
+    if config.source == "dtd":
+        if not params.get("dtd_root"):
+            raise AdnbError("RealNet with source 'dtd' needs a texture folder: add -p dtd_root DTD/images")
+        return config, {"source": TextureSource.from_folder(params["dtd_root"], config.image_size)}
+    sdas_config = realnet.SDASConfig(**{field: tuple(params[key]) if isinstance(params[key], list) else params[key]
+                                        for key, field in SDAS_PARAMS.items() if key in params})
+    key = f"{category.name}:{category.fingerprint()}"
+    images = category.load("train", sdas_config.image_size, limit=limit).images
+    sdas_cache = cache.entry("realnet", sdas_config, key, stage="sdas")
+    sdas = realnet.fit_sdas(sdas_config, [images], device=device, cache=sdas_cache, force_train=force_train)
+    per_class = int(params.get("sdas_per_class", 24))
+    samples = cache.entry("realnet", {"sdas": sdas_config, "per_class": per_class}, key, stage="sdas-samples")
+    sdas_set, _ = realnet.sdas_images(sdas, per_class, cache=samples, force=force_train)
+    return config, {"source": TextureSource.from_images(sdas_set[0])}
 
 
 def evaluate_and_record(detector: Detector, category: Category, params: Mapping[str, Any], preset: str,

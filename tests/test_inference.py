@@ -72,3 +72,16 @@ def test_clear_errors_for_bad_inputs(tmp_path, capsys):
     assert "no checkpoint at" in capsys.readouterr().err
     assert cli.main(["train", "nosuch"]) == 2
     assert "unknown method 'nosuch'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["fair", "pyramidflow", "d3ad", "realnet"])
+def test_every_method_trains_from_the_cli_and_scores_at_native_size(method, dataset, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ADNB_HOME", str(tmp_path / "home"))
+    assert cli.main(["train", method, "--preset", "ci", "--data-root", str(dataset), "--category", "washer"]) == 0
+    checkpoint = capsys.readouterr().out.split("\n")[0].removeprefix("checkpoint: ")
+    scorer = Scorer.from_checkpoint(checkpoint, device="cpu")
+    grey = np.random.default_rng(1).integers(0, 255, (50, 70), np.uint8)
+    colour = cv2.imread(str(dataset / "washer" / "test" / "good" / sorted((dataset / "washer" / "test" / "good").iterdir())[0].name))
+    results = scorer.batch([grey, colour])
+    assert [r.map.shape for r in results] == [(50, 70), colour.shape[:2]]
+    assert all(np.isfinite(r.score) and np.isfinite(r.map).all() for r in results)
