@@ -85,7 +85,7 @@ def trapezoid(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
     i = int(np.argmax(~inside))  # first point beyond x_max
     x0, x1, y0, y1 = x[i - 1], x[i], y[i - 1], y[i]
     y_cut = y0 + (y1 - y0) * (x_max - x0) / (x1 - x0)
-    return area + (x_max - x0) * (y0 + y_cut) / 2
+    return float(area + (x_max - x0) * (y0 + y_cut) / 2)
 
 
 def regions(mask: np.ndarray) -> tuple[np.ndarray, int]:

@@ -153,3 +153,11 @@ def test_errors_are_clear():
         metrics.aupro([np.zeros((4, 4))], [np.zeros((4, 5))])
     with pytest.raises(AdnbError, match="anomalous pixels"):
         metrics.pixel_auroc([np.zeros((4, 4))], [np.zeros((4, 4))])
+
+
+def test_metrics_are_python_floats():
+    rng = np.random.default_rng(0)
+    maps, masks = rng.random((2, 16, 16)), np.zeros((2, 16, 16), bool)
+    masks[0, 4:9, 4:9] = True
+    assert type(metrics.trapezoid([0.0, 0.5, 1.0], [0.0, 1.0, 1.0], 0.3)) is float
+    assert all(type(v) is float for v in metrics.pixel_metrics(maps, masks).values())

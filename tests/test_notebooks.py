@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import nbformat
 import pytest
 
 from adnb.runtime import runner
@@ -28,3 +29,8 @@ def test_chapter_runs_at_ci(notebook, tmp_path):
         for key in METRIC_KEYS:
             value = record["metrics"][key]
             assert value is None or 0.0 <= value <= 1.0, f"{path}: {key}={value}"
+    glued = [output for cell in nbformat.read(result.output, as_version=4).cells if cell.cell_type == "code"
+             for output in cell.outputs if "scrapbook" in output.get("metadata", {})]
+    for output in glued:
+        text = output.data.get(output.metadata.scrapbook.mime_prefix + "text/plain", "")
+        assert not text.startswith("np."), f"glue {output.metadata.scrapbook.get('name')} is a numpy repr: {text}"

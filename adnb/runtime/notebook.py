@@ -7,6 +7,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from adnb import __version__
@@ -38,3 +39,13 @@ def show_setup(preset: str, device: torch.device, categories: list[Category] | N
             print(f"{name}: {type(value).__name__}({fields})")
         else:
             print(f"{name}: {value!r}")
+
+
+def glue(name: str, value: Any, display: bool = False) -> None:
+    """myst-nb's ``glue`` with numpy scalars turned into Python numbers.
+
+    numpy 2 writes ``np.float64(0.5)`` as a scalar's repr, which ``{glue:text}`` formats cannot parse.
+    """
+    from myst_nb import glue as myst_glue
+
+    myst_glue(name, value.item() if isinstance(value, np.generic) else value, display=display)
