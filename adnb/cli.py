@@ -4,6 +4,8 @@
 - ``book``   execute every chapter of ``_toc.yml`` into the book tree (what ``make book`` calls)
 - ``train``  train and evaluate a method on a dataset without Jupyter; prints checkpoints and records
 - ``score``  score images or folders with a trained checkpoint: a CSV of scores, PNG overlays
+- ``bench``  time a method's training step and inference on this machine; one JSON line
+- ``train-all``  train every (method, category) once into the cache, here or on a Ray cluster
 - ``data``   prepare the embedded dataset, download MVTec AD, convert VisA
 """
 
@@ -15,6 +17,9 @@ import sys
 from collections.abc import Sequence
 
 from adnb.runtime.errors import AdnbError
+
+RESIZE_CHOICES = ("squash", "letterbox", "tile")  # adnb.data.framing.RESIZE_MODES, without importing torch for --help
+EXIT_SKIPPED = 3  # score: every readable image was scored, but some files were skipped
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -45,65 +50,107 @@ def _cmd_book(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from adnb.pipeline import evaluate_and_record, train_category
-    from adnb.runtime import get_device, seed_everything
+    from adnb.recipe import Recipe
     from adnb.runtime.notebook import open_categories
-    from adnb.runtime.presets import load_preset
     from adnb.runtime.runner import parse_value
 
-    params = {**load_preset(args.preset, args.method), **{k: parse_value(v) for k, v in args.param}}
-    device = get_device(args.device)
-    seed_everything(int(params.get("seed") or 0))
-    categories = open_categories(args.data_root or "", args.category or "", params.get("mask_suffix") or None)
+    recipe = Recipe.from_preset(args.method, args.preset, {k: parse_value(v) for k, v in args.param},
+                                device=args.device)
+    categories = open_categories(args.data_root or "", args.category or "", recipe.params.get("mask_suffix") or None)
     for category in categories:
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the paths below
-            detector, peak = train_category(args.method, params, category, device=device, force_train=args.force_train)
-            result, record = evaluate_and_record(detector, category, params, args.preset, peak_memory_mb=peak)
+            trained = recipe.run(category, force_train=args.force_train)
+        result = trained.evaluation
         scores = result.table() if result else "no test set with good and anomalous images: not evaluated"
-        print(f"{args.method} on {category.dataset}/{category.name}: {scores}", file=sys.stderr)
-        print(f"checkpoint: {detector.checkpoint}")
-        if record:
-            print(f"record: {record}")
+        print(f"{args.method} on {category.dataset}/{category.name} (config {trained.config_hash}): {scores}",
+              file=sys.stderr)
+        print(f"checkpoint: {trained.detector.checkpoint}")
+        if trained.record:
+            print(f"record: {trained.record}")
     return 0
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    import csv
-    from pathlib import Path
+    from tqdm import tqdm
 
-    import cv2
-    import numpy as np
+    from adnb.inference import Scorer, Skipped, collect_images, write_scores
+    from adnb.runtime.progress import progress
 
-    from adnb.data.images import read_image
-    from adnb.inference import Scorer, collect_images
-    from adnb.plotting import overlay
-
-    scorer = Scorer.from_checkpoint(args.checkpoint, args.device)
+    scorer = Scorer.from_checkpoint(args.checkpoint, args.device, resize=args.resize, threshold=args.threshold)
     paths = collect_images(args.paths)
-    results = list(scorer.score_paths(paths, args.batch_size))
-    out = Path(args.out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    low = min(float(r.map.min()) for r in results)
-    high = max(float(r.map.max()) for r in results) if args.threshold is None else args.threshold
-    with open(out / "scores.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["image", "score", *(["anomalous"] if args.threshold is not None else []), "overlay"])
-        used: set[str] = set()
-        for path, result in zip(paths, results):
-            name = f"{path.stem}_overlay.png"
-            if name in used:  # same file name in two folders
-                name = f"{path.parent.name}_{path.stem}_overlay.png"
-            while name in used:
-                name = f"_{name}"
-            used.add(name)
-            picture = overlay(read_image(path), result.map, vmin=low, vmax=high)
-            cv2.imwrite(str(out / name), np.ascontiguousarray(picture[:, :, ::-1]))
-            flag = [int(result.score >= args.threshold)] if args.threshold is not None else []
-            writer.writerow([str(path), f"{result.score:.6g}", *flag, name])
-    print(out / "scores.csv")
-    print(f"scored {len(results)} image(s) with {scorer.detector.method}; overlays share one colour scale "
-          f"[{low:.4g}, {high:.4g}]", file=sys.stderr)
+    calibration = scorer.calibration
+    if calibration is None:
+        print(f"note: {args.checkpoint} has no calibration (saved before adnb stored one): raw scores only"
+              + ("" if args.threshold is None else f", anomalous = score ≥ {args.threshold:g}")
+              + ", each overlay on its own colour scale; retrain it for normalised scores and a default threshold",
+              file=sys.stderr)
+    elif calibration.resize != scorer.resize:
+        print(f"note: the calibration was measured with resize {calibration.resize!r}, this run uses "
+              f"{scorer.resize!r}: its threshold may not fit", file=sys.stderr)
+    # A bar only for a person at a terminal: quiet in batch runs (ADNB_BATCH=1) and when stderr is a pipe.
+    bar = progress(total=len(paths), desc="scoring", unit="img", file=sys.stderr, disable=not sys.stderr.isatty())
+
+    def skip(item: Skipped) -> None:
+        tqdm.write(f"skipped {item.source}: {item.reason}", file=sys.stderr)
+
+    try:
+        run = write_scores(scorer, paths, args.out, checkpoint=args.checkpoint, batch_size=args.batch_size,
+                           overwrite=args.overwrite, overlays=not args.no_overlays, on_skip=skip, on_progress=bar.update)
+    except KeyboardInterrupt:
+        bar.close()
+        print("interrupted: the rows written so far are kept; run the same command again to resume", file=sys.stderr)
+        raise
+    bar.close()
+    print(run.csv)
+    resumed = f"; {run.resumed} already in {run.csv.name} (kept)" if run.resumed else ""
+    print(f"scored {run.written} image(s) with {scorer.detector.method} (resize {scorer.resize}) in {run.seconds:.1f} s "
+          f"({run.images_per_s:.1f} images/s){resumed}", file=sys.stderr)
+    if scorer.threshold is not None:
+        where = calibration.describe() if calibration is not None else f"threshold {scorer.threshold:g} (--threshold)"
+        print(f"{run.anomalous} of {run.written} anomalous; {where}", file=sys.stderr)
+    if run.colour_scale:
+        print(f"overlays share the calibration's colour scale [{run.colour_scale[0]:.4g}, {run.colour_scale[1]:.4g}]",
+              file=sys.stderr)
+    if run.skipped:
+        print(f"skipped {len(run.skipped)} file(s) that are not readable images (exit status {EXIT_SKIPPED}):",
+              file=sys.stderr)
+        for item in run.skipped:
+            print(f"  {item.source}: {item.reason}", file=sys.stderr)
+        return EXIT_SKIPPED
     return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from adnb.bench import bench, summary
+    from adnb.runtime.presets import load_preset
+    from adnb.runtime.runner import parse_value
+
+    params = {**(load_preset(args.preset, args.method) if args.preset else {}),
+              **{key: parse_value(value) for key, value in args.param}}
+    result = bench(args.method, params, size=args.size, batch=args.batch, steps=args.steps, warmup=args.warmup,
+                   infer_images=args.infer_images, precision=args.precision, device=args.device, images=args.images)
+    print(summary(result), file=sys.stderr)
+    print(result.json())
+    return 0
+
+
+def _cmd_train_all(args: argparse.Namespace) -> int:
+    from adnb.methods import METHODS
+    from adnb.runtime.runner import parse_value
+    from adnb.schedule import train_all
+
+    report = train_all(args.methods or METHODS, args.preset, data_root=args.data_root or "",
+                       categories=args.categories, overrides={k: parse_value(v) for k, v in args.param},
+                       executor=args.executor, jobs=args.jobs, threads=args.threads, address=args.address,
+                       device=args.device, worker_home=args.worker_home)
+    for path in report.records:
+        print(path)
+    failed = f", {len(report.failed)} failed (logs under $ADNB_HOME/logs/train-all/)" if report.failed else ""
+    print(f"train-all: {len(report.trained)} trained, {len(report.skipped)} already trained{failed}"
+          + (f" in {report.seconds:.0f} s" if report.seconds else ""), file=sys.stderr)
+    if report.failed:
+        print("run the same command again to retry the failed jobs (finished ones are skipped)", file=sys.stderr)
+    return 1 if report.failed else 0
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
@@ -153,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Train a method on every category of a dataset (or one), with a preset's "
                                        "settings, evaluate it when the test set allows, write results records and "
                                        "print the checkpoints. Example: python -m adnb train fair --preset ci")
-    train.add_argument("method", help="fair, pyramidflow, d3ad, realnet or baseline")
+    train.add_argument("method", help="fair, pyramidflow, d3ad, realnet, baseline or knn")
     train.add_argument("--preset", default="cpu", help="ci, cpu or full (default: cpu)")
     train.add_argument("--data-root", help="dataset folder in MVTec AD layout (default: the embedded dataset)")
     train.add_argument("--category", help="category under the data root (default: every category)")
@@ -163,19 +210,105 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--force-train", action="store_true", help="retrain even when cached weights exist")
     train.set_defaults(func=_cmd_train)
 
-    score = sub.add_parser("score", help="score images with a trained checkpoint: CSV + PNG overlays",
-                           description="Score image files or folders with a trained model. Writes scores.csv and one "
-                                       "<stem>_overlay.png per image (the anomaly map over the image, at its own "
-                                       "resolution, one colour scale for all) into --out.")
+    score = sub.add_parser(
+        "score", help="score images with a trained checkpoint: CSV + PNG overlays",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Score image files or folders with a trained model, streaming: each batch of images is read,\n"
+                    "scored and written (rows of OUT/scores.csv, OUT/<stem>_overlay.png) before the next, so memory\n"
+                    "stays flat for any number of images and an interrupted run resumes where it stopped. Maps\n"
+                    "come back at each image's own resolution.",
+        epilog="""columns of scores.csv:
+  image       the path as given
+  score       the model's raw anomaly score (larger = more anomalous; units depend on the method)
+  normalised  the score on a common scale: the threshold maps to 0.5 (anomalib's min-max rule), in [0, 1]
+  anomalous   1 if score >= threshold, else 0
+  overlay     the overlay's file name in OUT
+A checkpoint trained by this version carries a calibration (scores of held-out good images, and the
+F1-optimal threshold when its test set had labels): 'normalised' and 'anomalous' come from it, and
+every overlay uses its one fixed colour scale, so overlays of different images and different runs
+can be compared. --threshold replaces its threshold. An older checkpoint has no calibration: raw
+scores only ('anomalous' with --threshold), each overlay on its own map's range.
+
+Unreadable files (empty, damaged, not an image) are skipped with one line each and listed again at
+the end; everything else is scored. Images already in OUT/scores.csv are not scored again unless
+--overwrite (a resumed run must use the same checkpoint, --resize and --threshold).
+
+exit status: 0 every image scored; 3 some files were skipped (the rest was scored);
+2 a usage error (no such checkpoint or input, a CSV from another run); 130 interrupted.""")
     score.add_argument("paths", nargs="+", help="image files and/or folders of images")
     score.add_argument("--checkpoint", required=True, help="weights.pt of a trained model (a results record's "
                                                            "'checkpoint' field, or printed by 'train')")
     score.add_argument("--out", default=".", help="output folder (default: the current folder)")
-    score.add_argument("--threshold", type=float, help="flag images scoring at or above this value; also caps the "
-                                                       "colour scale")
+    score.add_argument("--threshold", type=float, help="raw score at or above which an image is anomalous "
+                                                       "(default: the checkpoint's calibrated threshold)")
+    score.add_argument("--resize", choices=RESIZE_CHOICES, help="how an image reaches the model's square input: "
+                       "squash (resize, ignoring the aspect ratio), letterbox (fit the long side, pad) or tile "
+                       "(fit the short side, score overlapping square tiles, stitch one map) (default: the mode the "
+                       "checkpoint was trained with, else squash)")
+    score.add_argument("--overwrite", action="store_true", help="score every image again, replacing OUT/scores.csv")
+    score.add_argument("--no-overlays", action="store_true", help="write the CSV only (faster)")
     score.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
     score.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     score.set_defaults(func=_cmd_score)
+
+    bench = sub.add_parser(
+        "bench", help="time a method's training step and inference; prints one JSON line",
+        description="Time training steps (after warm-up) and inference at batch 1 and 8 of one method on this "
+                    "machine, on synthetic images (or --images), and print one JSON line: median s/step, images/s, "
+                    "peak memory, the precision and the machine (CPU flags or GPU name). A benchmark: nothing is "
+                    "trained to convergence and nothing is judged. Example: python -m adnb bench fair --size 128 "
+                    "--batch 8 -p width 32 --precision bf16")
+    bench.add_argument("method", help="fair, pyramidflow, d3ad or realnet")
+    bench.add_argument("--size", type=int, help="image side (default: the method's or the preset's image_size)")
+    bench.add_argument("--batch", type=int, help="training batch (default: the method's or the preset's batch_size)")
+    bench.add_argument("--steps", type=int, default=5, help="timed training steps (default: 5)")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed training steps first (default: 2)")
+    bench.add_argument("--infer-images", type=int, default=64, help="images timed at each inference batch size "
+                                                                    "(default: 64)")
+    bench.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                       help="arithmetic: auto = bf16 where the hardware has it, else fp32 (CPU) or fp16 (CUDA)")
+    bench.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    bench.add_argument("--preset", help="start from a preset's settings (ci, cpu, full; default: the method's own "
+                                        "defaults, i.e. the paper's)")
+    bench.add_argument("--images", help="a folder of images to use instead of synthetic ones")
+    bench.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                       help="override one setting (VALUE is read as YAML), e.g. -p width 32; repeatable")
+    bench.set_defaults(func=_cmd_bench)
+
+    train_all = sub.add_parser(
+        "train-all", help="train every (method, category) once into the cache, here or on a Ray cluster",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Plan one job per (method, category), skip those whose weights are in the cache ($ADNB_HOME), and\n"
+                    "train the rest: in a pool of processes here (--executor local) or as Ray tasks (--executor ray,\n"
+                    "pip install -e .[ray]). Workers need no shared file system: each sends its weights and results\n"
+                    "record back to this machine. 'make book' afterwards loads every model instead of training it.\n"
+                    "Example: python -m adnb train-all --preset full --executor ray --address auto",
+        epilog="One line per finished job; a failed job is reported with the end of its log (the whole log is\n"
+               "under $ADNB_HOME/logs/train-all/) and the others go on. Run the same command again to resume:\n"
+               "finished jobs are skipped, interrupted ones resume from their checkpoints where the worker\n"
+               "keeps its cache. On a cluster every node needs adnb installed and the dataset at the same path.\n"
+               "exit status: 0 every job trained (or already was); 1 some job failed; 2 a usage error.")
+    train_all.add_argument("--preset", required=True, help="ci, cpu or full")
+    train_all.add_argument("--methods", nargs="+", metavar="METHOD",
+                           help="methods to train (default: all six the book trains: baseline knn fair pyramidflow "
+                                "d3ad realnet)")
+    train_all.add_argument("--data-root", help="dataset folder in MVTec AD layout (default: the embedded dataset)")
+    train_all.add_argument("--categories", nargs="+", metavar="NAME", help="categories (default: every category)")
+    train_all.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                           help="override a preset setting: KEY for every method, METHOD.KEY for one (VALUE is read "
+                                "as YAML); repeatable. 'make book' trains with the preset alone: overridden models "
+                                "are not the book's")
+    train_all.add_argument("--executor", choices=("local", "ray"), default="local",
+                           help="local: processes on this machine (default); ray: Ray tasks")
+    train_all.add_argument("--jobs", type=int, help="jobs at once (default: local 1; ray: one per GPU, else per CPU)")
+    train_all.add_argument("--threads", type=int, help="CPU threads per job, reserved from Ray on a cluster "
+                                                       "(default: the CPUs divided among the jobs)")
+    train_all.add_argument("--address", help="Ray cluster address (e.g. auto or ray://head:10001; default: start a "
+                                             "local Ray instance)")
+    train_all.add_argument("--device", default="auto", help="auto, cpu or cuda (ray: one GPU per task where the "
+                                                            "cluster has GPUs, with auto)")
+    train_all.add_argument("--worker-home", help="the ADNB_HOME workers train in (default: each worker's own)")
+    train_all.set_defaults(func=_cmd_train_all)
 
     data = sub.add_parser("data", help="prepare, download or convert datasets",
                           description="Prepare, download or convert datasets.")

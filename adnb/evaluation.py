@@ -74,15 +74,23 @@ def predict_all(detector: Detector, images: torch.Tensor, batch_size: int = 8) -
 
 
 def evaluate(detector: Detector, category: Category, *, resolution: str = "model", batch_size: int = 8,
-             limit: int | None = None, seed: int = 0) -> Evaluation:
-    """Image AUROC, pixel AUROC and AUPRO of ``detector`` on ``category``'s test set."""
+             limit: int | None = None, seed: int = 0, resize: str = "squash") -> Evaluation:
+    """Image AUROC, pixel AUROC and AUPRO of ``detector`` on ``category``'s test set.
+
+    ``resize`` frames the test images as the detector was trained (``adnb.data.framing``); with
+    tiles, an image's score is the largest of its tiles' and the pixel metrics count every tile's
+    pixels at the model's resolution.
+    """
     if resolution not in RESOLUTIONS:
         raise AdnbError(f"unknown evaluation resolution {resolution!r}; valid: {', '.join(RESOLUTIONS)}")
+    if resolution == "native" and resize != "squash":
+        raise AdnbError(f"eval_resolution 'native' maps squashed images back to their size; with resize={resize!r} "
+                        "evaluate at the model's resolution (eval_resolution: model)")
     detector.eval()
-    split = category.load("test", detector.image_size, limit=limit, seed=seed)
+    split = category.load("test", detector.image_size, limit=limit, seed=seed, resize=resize)
     scores, maps, seconds = predict_all(detector, split.images, batch_size)
-    labels = split.labels.numpy()
-    metrics: dict[str, float | None] = {"image_auroc": image_auroc(scores.numpy(), labels),
+    labels = np.array([s.label for s in split.image_samples])
+    metrics: dict[str, float | None] = {"image_auroc": image_auroc(split.per_image(scores), labels),
                                         "pixel_auroc": None, "aupro": None}
     acc = PixelAccumulator()
     if split.masks is not None:
@@ -94,7 +102,7 @@ def evaluate(detector: Detector, category: Category, *, resolution: str = "model
             native = F.interpolate(maps[i][None, None], size=mask.shape, mode="bilinear", align_corners=False)[0, 0]
             acc.update(native.numpy(), mask)
         metrics.update(acc.compute())
-    return Evaluation(metrics, scores.numpy(), labels, split.samples, maps, split.images,
+    return Evaluation(metrics, split.per_image(scores), labels, split.image_samples, maps, split.images,
                       split.masks, resolution, acc.precision if split.masks is not None else "no masks",
                       len(split) / max(seconds, 1e-9))
 
@@ -116,7 +124,7 @@ def throughput(detector: Detector, batch_size: int, n_images: int = 16, warmup: 
     return n_batches * batch_size / (time.perf_counter() - t)
 
 
-def result_record(detector: Detector, category: Category, evaluation: Evaluation, *, preset: str,
+def result_record(detector: Detector, category: Category, evaluation: Evaluation, *, preset: str, config_hash: str,
                   **extra: Any) -> dict[str, Any]:
     """The results record of one trained detector on one category (see the contract).
 
@@ -128,5 +136,6 @@ def result_record(detector: Detector, category: Category, evaluation: Evaluation
         device=describe(detector.device), image_size=detector.image_size, metrics=evaluation.metrics,
         train_seconds=detector.train_seconds, infer_images_per_s=evaluation.infer_images_per_s,
         n_params=detector.n_params(), weights=detector.weights or {"all": "trained-here"},
-        checkpoint=detector.checkpoint, eval_resolution=evaluation.resolution,
+        checkpoint=detector.checkpoint, config_hash=config_hash, precision=detector.precision,
+        eval_resolution=evaluation.resolution,
         metrics_precision=evaluation.precision, n_test=len(evaluation.labels), **extra)

@@ -23,6 +23,11 @@ function ``∝ sin(2πu/M)`` is directional: ``g_x`` removes every frequency on 
 
 ``high_frequency(images, kind, d0, order)`` turns RGB batches into the network input; the other
 functions are the pieces the chapter plots (transfer functions, impulse responses, band energy).
+It computes in fp32 (fp64 when given fp64) also inside a bf16 ``autocast`` block, where the Sobel
+convolutions would otherwise drop to bf16 (and torch's FFTs have no bf16 kernels at all): what a
+high-pass keeps is small next to what it removes (the low frequencies hold most of an image's
+energy), and bf16 keeps about 3 significant digits of each pixel, so its rounding error would be
+of the order of the detail itself.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from adnb.runtime.errors import AdnbError
+from adnb.runtime.precision import at_least_fp32, full_precision
 
 FILTERS = ("ihpf", "ghpf", "bhpf")
 SOBELS = ("sobel_x3", "sobel_xy3", "sobel_x5", "sobel_xy5")
@@ -170,11 +176,12 @@ def high_frequency(images: torch.Tensor, kind: str = "bhpf", d0: float = 30.0, o
     ``sobel_x3``/``sobel_xy3``/``sobel_x5``/``sobel_xy5`` (d0 and order unused).
     """
     input_channels(kind)
-    gray = to_gray(images)
-    if kind in FILTERS:
-        return highpass(gray, kind, d0, order)
-    directions, size = kind.removeprefix("sobel_")[:-1], int(kind[-1])
-    return sobel(gray, size, directions)
+    with full_precision(images.device):  # fp32 even under autocast: see the module's docstring
+        gray = to_gray(at_least_fp32(images))
+        if kind in FILTERS:
+            return highpass(gray, kind, d0, order)
+        directions, size = kind.removeprefix("sobel_")[:-1], int(kind[-1])
+        return sobel(gray, size, directions)
 
 
 def radial_energy(gray: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:

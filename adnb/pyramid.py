@@ -15,6 +15,12 @@ coarsest level upwards, and ``up`` is the same function on both sides. Unlike Bu
 pyramid, ``up`` has no ×4 gain and ``down`` need not be linear (max-pool is not); neither matters
 for invertibility. What does matter: H and W must be divisible by 2^(L−1), so every level has
 exactly half the side of the one above.
+
+``build`` and ``compose`` work in fp32 (fp64 when given fp64), also inside a bf16 ``autocast``
+block: a detail level ``l_k = g_k − up(g_{k+1})`` is a small difference of two large numbers, and
+bf16's 3 significant digits would leave rounding noise of its own size, so the pyramid would be
+neither invertible nor a faithful split into frequency bands. Their outputs are channels-last
+(NHWC): the depthwise blur and the convolutions that consume the levels run fastest in it.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+
+from adnb.runtime.precision import at_least_fp32, full_precision
 
 DOWNSAMPLING = ("max", "nearest")
 
@@ -69,18 +77,24 @@ def up(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return blur(F.interpolate(x, size=tuple(size), mode="nearest"))
 
 
+def _fp32_nhwc(x: torch.Tensor) -> torch.Tensor:
+    return at_least_fp32(x).contiguous(memory_format=torch.channels_last)
+
+
 def build(x: torch.Tensor, levels: int, mode: str = "max") -> list[torch.Tensor]:
-    """The pyramid [l_0 (finest, x's size), …, l_{L−1} (coarsest)] of ``x``."""
-    gaussian = [x]
-    for _ in range(levels - 1):
-        gaussian.append(down(gaussian[-1], mode))
-    details = [g - up(g_next, g.shape[-2:]) for g, g_next in zip(gaussian[:-1], gaussian[1:])]
+    """The pyramid [l_0 (finest, x's size), …, l_{L−1} (coarsest)] of ``x`` (fp32, channels-last)."""
+    with full_precision(x.device):
+        gaussian = [_fp32_nhwc(x)]
+        for _ in range(levels - 1):
+            gaussian.append(down(gaussian[-1], mode))
+        details = [g - up(g_next, g.shape[-2:]) for g, g_next in zip(gaussian[:-1], gaussian[1:])]
     return details + [gaussian[-1]]
 
 
 def compose(pyramid: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The inverse of ``build``: x = l_0 + up(l_1 + up(… + up(l_{L−1})))."""
-    x = pyramid[-1]
-    for level in reversed(pyramid[:-1]):
-        x = level + up(x, level.shape[-2:])
+    """The inverse of ``build``: x = l_0 + up(l_1 + up(… + up(l_{L−1}))) (fp32, channels-last)."""
+    with full_precision(pyramid[-1].device):
+        x = _fp32_nhwc(pyramid[-1])
+        for level in reversed(pyramid[:-1]):
+            x = up(x, level.shape[-2:]) + at_least_fp32(level)  # the NHWC operand first: NHWC sum
     return x

@@ -1,17 +1,23 @@
-"""D3AD: the noise-level rule, kNN, guided reconstruction, the autoencoders, and a tiny fit → save → load."""
+"""D3AD: the noise-level rule, kNN, guided reconstruction, the autoencoders, the offline path for SD's VAE,
+the combined map against SciPy, each image's own noise level reaching ``predict``, and a tiny fit → save →
+load. No test touches the network: the extractor has random weights, the VAE comes from a local cache."""
 
 import dataclasses
 
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from sklearn.neighbors import NearestNeighbors
 
+from adnb.data.layout import split_holdout
 from adnb.diffusion import linear_schedule, q_sample
 from adnb.methods import load_detector
-from adnb.methods.d3ad import (D3ADConfig, SmallAutoencoder, StableDiffusionVAE, adaptation_loss, bin_edges,
-                               build_unet, cosine_distance_map, fit, guided_eps, knn_distances, noise_level,
-                               reconstruct_latent, resolve_latent, round_to_tens, split_holdout, step_sequence)
+from adnb.methods import d3ad
+from adnb.methods.d3ad import (D3AD, SD_VAE_REPO, AnomalyTerms, D3ADConfig, SmallAutoencoder, StableDiffusionVAE,
+                               adaptation_loss, bin_edges, build_unet, cosine_distance_map, fit, guided_eps,
+                               knn_distances, noise_level, reconstruct_latent, resolve, resolve_latent, round_to_tens,
+                               step_sequence)
 from adnb.runtime.cache import entry
 from adnb.runtime.errors import AdnbError
 
@@ -120,32 +126,87 @@ def test_stable_diffusion_vae_architecture_has_sds_parameter_count():
     assert not any(p.requires_grad for p in vae.parameters())
 
 
-def test_config_checks_and_offline_resolution(monkeypatch):
+def test_config_checks():
     with pytest.raises(AdnbError):
-        D3ADConfig(latent="auto")
+        D3ADConfig(latent="auto")  # resolved before a config is built (resolve / resolve_latent)
     with pytest.raises(AdnbError):
         D3ADConfig(t_max=80, train_t_max=50)
     with pytest.raises(AdnbError):
         D3ADConfig(image_size=102)  # not a multiple of the autoencoder's factor 4
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import adnb.methods.d3ad as d3ad
+    with pytest.raises(AdnbError, match="knn_stage"):
+        D3ADConfig(stages=(1, 3), knn_stage=2)
+    with pytest.raises(AdnbError, match="reference"):
+        D3ADConfig(reference="decoded")
 
+
+# --- the offline path for Stable Diffusion's VAE: the local Hugging Face cache, else the small autoencoder ---------
+
+
+@pytest.fixture
+def hf_cache(monkeypatch, tmp_path):
+    """Empty Hugging Face and torch-hub caches of our own, no $ADNB_WEIGHTS (offline: conftest sets
+    HF_HUB_OFFLINE=1)."""
+    import huggingface_hub.constants
+
+    from adnb import backbones, weights
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("ADNB_WEIGHTS", raising=False)
+    weights.hub_reachable.cache_clear()
+    backbones._available.cache_clear()
     d3ad.pretrained_sd_vae.cache_clear()
-    monkeypatch.setattr(d3ad, "hub_pretrained", lambda *a, **k: None)
-    assert resolve_latent("auto") == "small" and resolve_latent("sd") == "sd"
+    yield tmp_path / "hf"
     d3ad.pretrained_sd_vae.cache_clear()
+    backbones._available.cache_clear()
+
+
+def test_without_sd_vae_weights_auto_falls_back_to_the_small_autoencoder(hf_cache, capsys):
+    assert d3ad.pretrained_sd_vae() is None
+    config = resolve({"latent": "auto", "weights": "random", "image_size": 32})
+    assert config.latent == "small" and config.downsampling == 4
+    out = capsys.readouterr().out
+    assert SD_VAE_REPO in out and "latent='small'" in out  # says what it falls back to, and how to get the weights
+    assert resolve({"latent": "sd", "weights": "random"}).latent == "sd"  # an explicit choice is kept …
+    # the extractor's weights are resolved too: lite0's ship as a pip package, ResNet-18's are not here
+    assert resolve({"backbone": "tf_efficientnet_lite0", "weights": "auto"}).weights == "imagenet"
+    assert resolve({"backbone": "resnet18", "weights": "auto"}).weights == "random"
+    with pytest.raises(AdnbError, match=SD_VAE_REPO):  # … and training it without the weights says what is missing
+        fit(D3ADConfig(image_size=32, latent="sd", unet_channels=(8, 16, 16), unet_head_dim=8, train_t_max=100,
+                       backbone="resnet18", weights="random", holdout=0), torch.rand(4, 3, 32, 32))
+
+
+def test_sd_vae_weights_in_the_local_cache_are_found_offline(hf_cache):
+    """A (tiny) VAE saved where the hub cache keeps stabilityai/sd-vae-ft-mse is what ``auto`` finds."""
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, layers_per_block=1)
+    repo = hf_cache / f"models--{SD_VAE_REPO.replace('/', '--')}"
+    vae.save_pretrained(repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    found = d3ad.pretrained_sd_vae()
+    assert found is not None
+    assert all(torch.equal(a, b) for a, b in zip(found.state_dict().values(), vae.state_dict().values()))
+    assert resolve_latent("auto") == "sd" and resolve({"latent": "auto", "weights": "random"}).latent == "sd"
 
 
 def test_split_holdout():
     train, hold = split_holdout(20, 4, seed=1)
     assert len(hold) == 4 and len(train) == 16 and not set(train.tolist()) & set(hold.tolist())
+    assert sorted(train.tolist() + hold.tolist()) == list(range(20))
     train, hold = split_holdout(20, 0)
-    assert train.tolist() == hold.tolist() == list(range(20))
+    assert train.tolist() == list(range(20)) and hold.numel() == 0  # D3AD's fit then calibrates on the training images
+    with pytest.raises(AdnbError, match="hold out"):
+        split_holdout(4, 4)
 
 
+# random ResNet-18 weights (BatchNorm statistics estimated on the training images): no weight file, no network
 TINY = D3ADConfig(image_size=32, ae_channels=(8, 16), ae_epochs=3, unet_channels=(8, 16, 16), unet_head_dim=8,
-                  epochs=4, batch_size=8, lr=1e-3, train_t_max=100, backbone="resnet18", knn_k=3, knn_pool=4,
-                  da_epochs=1, holdout=2)
+                  epochs=4, batch_size=8, lr=1e-3, train_t_max=100, backbone="resnet18", weights="random", knn_k=3,
+                  knn_pool=4, da_epochs=1, holdout=2)
 
 
 def tiny_images(n=14, seed=0):
@@ -193,3 +254,69 @@ def test_unet_is_diffusers_and_takes_per_sample_timesteps():
     out = unet(torch.randn(3, 4, 8, 8), torch.tensor([1, 50, 99])).sample
     assert out.shape == (3, 4, 8, 8)
     assert type(unet).__name__ == "UNet2DModel"
+
+
+def untrained(config=TINY):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return D3AD(config).eval()
+
+
+# --- the anomaly map: λ · norm(latent) + (1 − λ) · norm(feature), Gaussian blur, score = max ------------------------
+
+
+def test_combined_map_against_a_hand_computation_and_scipys_gaussian():
+    config = dataclasses.replace(TINY, image_size=64)  # σ = 4 · 64/256 = 1 pixel, kernel 9 × 9
+    detector = untrained(config)
+    g = torch.Generator().manual_seed(0)
+    latent, feature = torch.rand(2, 64, 64, generator=g) * 3, torch.rand(2, 64, 64, generator=g) * 0.4
+    latent[0, 20:24, 30:34] += 5  # a spot in one term only
+    ranges = torch.tensor([0.2, 3.2, 0.05, 0.45])  # latent (min, max), feature (min, max)
+    pred = detector.combine(AnomalyTerms(latent, feature, torch.tensor([40, 40]), torch.zeros(2, 3, 64, 64)), ranges)
+    lam = 0.85
+    mixed = lam * (latent.double().numpy() - 0.2) / 3.0 + (1 - lam) * (feature.double().numpy() - 0.05) / 0.4
+    # kornia's default border is torch's "reflect" (d c b | a b c d), which scipy calls "mirror"; radius 4σ
+    want = np.stack([ndimage.gaussian_filter(m, sigma=1.0, mode="mirror", truncate=4.0) for m in mixed])
+    np.testing.assert_allclose(pred.maps.numpy(), want, atol=2e-6)
+    np.testing.assert_allclose(pred.scores.numpy(), want.reshape(2, -1).max(1), atol=2e-6)
+    # the stored range (from the held-out normal images) is the default; σ = 0 switches the blur off
+    detector.map_range.copy_(ranges)
+    detector.config = dataclasses.replace(config, blur_sigma=0.0)
+    unblurred = detector.combine(AnomalyTerms(latent, feature, torch.tensor([40, 40]), torch.zeros(2, 3, 64, 64)))
+    np.testing.assert_allclose(unblurred.maps.numpy(), mixed, atol=2e-6)
+    np.testing.assert_allclose(unblurred.scores.numpy(), mixed.reshape(2, -1).max(1), atol=2e-6)
+
+
+# --- the dynamic noise level reaches the prediction ------------------------------------------------------------------
+
+
+def test_each_images_own_noise_level_reaches_predict():
+    """A kNN bank holding image 0's features and bin edges placed by hand: image 0 lies at distance 0,
+    below every edge (bin 0 → b_min = 2 → T̂ = 16 → 20); image 1 beyond the last edge (bin 10 → T̂ = 80).
+    ``predict`` must reconstruct each image at its own level."""
+    detector = untrained(dataclasses.replace(TINY, knn_k=1))
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    detector.knn_bank = detector.knn_features(x[:1])
+    d = float(detector.knn_distances(x[1:]))
+    assert d > 0
+    detector.bin_edges = torch.linspace(0.1 * d, 0.5 * d, 11, dtype=torch.float64)
+    assert detector.noise_levels(x).tolist() == [20, 80]
+    assert detector.terms(x).t_hat.tolist() == [20, 80]
+
+    pred = detector.predict(x)
+    torch.testing.assert_close(pred.maps, detector.combine(detector.terms(x, torch.tensor([20, 80]))).maps)
+    swapped = detector.combine(detector.terms(x, torch.tensor([80, 20]))).maps
+    assert ((pred.maps - swapped).flatten(1).abs().amax(1) > 1e-3).all()  # the level matters for both images
+
+    # move the edges so that image 1 falls in bin 6 (d = 5.5 bin widths): T̂ = round_10(6/10 · 80) = 50;
+    # image 0 keeps its level and its map, image 1 gets the map of T̂ = 50
+    detector.bin_edges = torch.linspace(0, d / 5.5 * 10, 11, dtype=torch.float64)
+    assert detector.noise_levels(x).tolist() == [20, 50]
+    moved = detector.predict(x)
+    torch.testing.assert_close(moved.maps[0], pred.maps[0])
+    assert (moved.maps[1] - pred.maps[1]).abs().max() > 1e-3
+    torch.testing.assert_close(moved.maps[1:], detector.combine(detector.terms(x[1:], torch.tensor([50]))).maps)
+    # a static level overrides the kNN for every image
+    static = detector.variant(static_t=50)
+    assert static.noise_levels(x).tolist() == [50, 50]
+    torch.testing.assert_close(static.predict(x).maps[1], moved.maps[1])

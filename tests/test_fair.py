@@ -1,4 +1,7 @@
-"""FAIR: network size, the anomaly evaluation function against OpenCV/scipy, corruption mix, training."""
+"""FAIR: network size, the anomaly evaluation function against hand computations and NumPy/SciPy/OpenCV
+references, the corruption mix, training."""
+
+import math
 
 import cv2
 import kornia
@@ -65,6 +68,68 @@ def test_msgms_matches_a_scipy_opencv_reference():
     for i in range(2):
         np.testing.assert_allclose(ours[i], reference_msgms(a[i].numpy(), b[i].numpy()), atol=1e-9)
     assert torch.allclose(fair.msgms(a, a), torch.ones(2, 1, 32, 32, dtype=torch.float64))
+
+
+def test_msgms_of_linear_ramps_against_a_flat_image_by_hand():
+    """A linear image p·x + q·y has Prewitt (÷3) gradient magnitude 2·√(p² + q²) away from the border,
+    and 4·√(p² + q²) after 2×2 average pooling (the slope per pixel doubles); a flat image has
+    √(0 + 1e-12) = 1e-6. So, inside, GMS = (2 g 1e-6 + c) / (g² + 1e-12 + c + 1e-12) at each scale."""
+    s, c, n = 0.02, 0.0026, 32
+    y, x = np.meshgrid(np.arange(n, dtype=float), np.arange(n, dtype=float), indexing="ij")
+    slopes = [(s, 0.0), (0.0, s), (2 * s, s)]  # (p, q) per channel: along x, along y, diagonal
+    ramps = torch.tensor(np.stack([0.1 + p * x + q * y for p, q in slopes]))[None]
+    flat = torch.full_like(ramps, 0.5)
+
+    def gms(g):
+        g = math.sqrt(g ** 2 + 1e-12)
+        return (2 * g * 1e-6 + c) / (g ** 2 + 1e-12 + c + 1e-12)
+
+    want = 1 - np.mean([(gms(2 * math.hypot(p, q)) + gms(4 * math.hypot(p, q))) / 2 for p, q in slopes])
+    got = 1 - fair.msgms(ramps, flat)[0, 0].numpy()
+    inside = got[4:-4, 4:-4]  # clear of the zero padding at both scales and of the upsampling's reach
+    np.testing.assert_allclose(inside, np.full_like(inside, want), atol=1e-9)
+    assert 0.5 < want < 0.7  # the two scales disagree (0.62 and 0.29 for the first channel): both count
+    np.testing.assert_allclose(fair.msgms(flat, flat).numpy(), 1.0, atol=1e-12)
+
+
+def cie_lab(rgb: np.ndarray) -> np.ndarray:
+    """sRGB (…, 3) → CIELAB (D65) from the standards' formulas, with NumPy; like kornia (and unlike
+    OpenCV, which clips) it extends the curves' linear pieces to values outside [0, 1]."""
+    rgb = np.asarray(rgb, np.float64)
+    linear = np.where(rgb > 0.04045, ((np.maximum(rgb, 0.04045) + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    to_xyz = np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
+                       [0.019334, 0.119193, 0.950227]])
+    t = linear @ to_xyz.T / np.array([0.95047, 1.0, 1.08883])
+    e = 6 / 29
+    f = np.where(t > e ** 3, np.cbrt(np.maximum(t, e ** 3)), t / (3 * e ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], axis=-1)
+
+
+def test_the_numpy_lab_reference_is_opencvs_lab():
+    np.testing.assert_allclose(cie_lab([1.0, 0.0, 0.0]), [53.24, 80.09, 67.20], atol=0.01)  # sRGB red, tabulated
+    x = np.random.default_rng(0).uniform(0, 1, (20, 20, 3))
+    np.testing.assert_allclose(cie_lab(x), cv2.cvtColor(x.astype(np.float32), cv2.COLOR_RGB2Lab), atol=0.35)
+
+
+def reference_anomaly_map(image: np.ndarray, restored: np.ndarray, k: float = 3e-4, size: int = 21) -> np.ndarray:
+    """FAIR's pixel score from the pieces above: mean_size×size(1 − MSGMS + k · Δab²), zero padded (scipy)."""
+    colour = ((cie_lab(image.transpose(1, 2, 0))[..., 1:] - cie_lab(restored.transpose(1, 2, 0))[..., 1:]) ** 2).sum(-1)
+    return ndimage.uniform_filter(reference_msgms(restored, image) + k * colour, size=size, mode="constant")
+
+
+def test_anomaly_map_matches_the_reference_and_each_term_counts():
+    images = smooth_images(2, 32, 2).double()
+    restored = (0.8 * images + 0.2 * smooth_images(2, 32, 3).double())  # wrong colours and gradients everywhere
+    restored[1, :, 8:16, 20:28] = torch.tensor([0.9, 0.1, 0.2], dtype=torch.float64).view(3, 1, 1)  # a red patch
+    ours = fair.anomaly_map(images, restored)[:, 0].numpy()
+    for i in range(2):
+        want = reference_anomaly_map(images[i].numpy(), restored[i].numpy())
+        np.testing.assert_allclose(ours[i], want, atol=1e-7)
+        # each part is large enough that getting it wrong would show: the colour term, its weight, the smoothing
+        without_colour = ndimage.uniform_filter(reference_msgms(restored[i].numpy(), images[i].numpy()), 21,
+                                                mode="constant")
+        assert np.abs(want - without_colour).max() > 0.05
+        assert np.abs(ours[i] - reference_anomaly_map(images[i].numpy(), restored[i].numpy(), size=1)).max() > 0.05
 
 
 def test_color_difference_agrees_with_opencv_lab_and_the_bgr_switch():
@@ -149,7 +214,13 @@ def test_fit_lowers_the_loss_and_the_checkpoint_round_trips(tmp_path):
     assert isinstance(loaded, fair.FAIR) and loaded.config == config
     torch.testing.assert_close(after.maps, before.maps)
     assert before.maps.shape == (3, 32, 32) and before.scores.shape == (3,)
-    torch.testing.assert_close(before.scores, before.maps.flatten(1).amax(1))
+    # the prediction is FAIR's score of the network's own restoration (unclamped: an early network's
+    # colours leave [0, 1], which the NumPy Lab takes as kornia does), the image score its maximum
+    with torch.no_grad():
+        restored = detector(test).double().numpy()
+    want = np.stack([reference_anomaly_map(test[i].double().numpy(), restored[i]) for i in range(3)])
+    np.testing.assert_allclose(before.maps.numpy(), want, atol=2e-5)
+    np.testing.assert_allclose(before.scores.numpy(), want.reshape(3, -1).max(1), atol=2e-5)
 
     again = fair.fit(config, images, cache=cache)  # cached: no training
     torch.testing.assert_close(again.predict(test).maps, before.maps)

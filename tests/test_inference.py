@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 
 import cv2
 import numpy as np
@@ -21,13 +22,29 @@ def dataset(tmp_path_factory):
 
 
 @pytest.fixture
-def checkpoint(dataset, tmp_path, monkeypatch, capsys):
+def checkpoint(dataset, tmp_path):
+    """A baseline checkpoint (weights.pt + sidecar) trained directly, without the train command."""
+    from adnb.data.layout import load_category
+    from adnb.methods import baseline
+    from adnb.runtime.cache import CacheEntry
+
+    config = baseline.BaselineConfig(image_size=32)
+    cache = CacheEntry(tmp_path / "ckpt", {"method": "baseline", "config": config})
+    baseline.fit(config, load_category(dataset, "washer").load("train", 32).float_images(), cache=cache)
+    return str(cache.weights_path)
+
+
+def test_train_prints_a_checkpoint_that_score_reads(dataset, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ADNB_HOME", str(tmp_path / "home"))
     assert cli.main(["train", "baseline", "--preset", "ci", "--data-root", str(dataset), "--category", "washer",
                      "-p", "image_size", "32"]) == 0
     lines = capsys.readouterr().out.split("\n")
-    assert lines[1].startswith("record: ") and lines[1].endswith("washer/baseline.json")
-    return lines[0].removeprefix("checkpoint: ")
+    assert lines[1].startswith("record: ") and re.search(r"washer/baseline-[0-9a-f]{12}\.json$", lines[1])
+    checkpoint = lines[0].removeprefix("checkpoint: ")
+    out = tmp_path / "scores"
+    assert cli.main(["score", "--checkpoint", checkpoint, str(dataset / "washer" / "test" / "good"),
+                     "--out", str(out)]) == 0
+    assert len(list(csv.DictReader(open(out / "scores.csv")))) == 2
 
 
 def test_scorer_maps_come_back_at_each_images_own_size(checkpoint, tmp_path):
@@ -68,6 +85,8 @@ def test_train_without_a_test_set_only_trains(tmp_path, monkeypatch, capsys):
 def test_clear_errors_for_bad_inputs(tmp_path, capsys):
     with pytest.raises(AdnbError, match="no images found"):
         collect_images([tmp_path])
+    with pytest.raises(AdnbError, match="does not exist"):
+        collect_images([tmp_path / "typo.png"])
     assert cli.main(["score", "--checkpoint", str(tmp_path / "none.pt"), str(tmp_path)]) == 2
     assert "no checkpoint at" in capsys.readouterr().err
     assert cli.main(["train", "nosuch"]) == 2

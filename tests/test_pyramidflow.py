@@ -1,4 +1,5 @@
-"""PyramidFlow's proofs as tests: exact inverses, volume-preserving blocks, the official size."""
+"""PyramidFlow's proofs as tests: exact inverses, log-determinants against autograd on the eval path, the
+official size."""
 
 from dataclasses import replace
 
@@ -20,6 +21,8 @@ from adnb.methods.pyramidflow import (
     fourier_loss,
     official_choices,
     pair_differences,
+    resolve,
+    variant,
 )
 from adnb.runtime.cache import entry
 from adnb.runtime.errors import AdnbError
@@ -106,19 +109,41 @@ def _jacobian_log_det(block, levels):
 
 
 @pytest.mark.parametrize("volume_norm", ["cvn", "svn", "none"])
-def test_log_det_of_every_block_against_autograd(volume_norm):
-    model = randomise(PyramidFlow(replace(TINY, image_size=8, volume_norm=volume_norm, stacks=2))).double().train()
-    levels = pyramid.build(torch.randn(1, 3, 8, 8, dtype=torch.float64), 3)
+def test_log_det_on_the_eval_path_against_autograd(volume_norm):
+    """At test time volume normalisation subtracts the *running* means, so no block keeps volume by
+    construction: each image's log|det J| is Σ (s − running mean). Checked against the log-determinant
+    of the full Jacobian (autograd), block by block, per image. Once the running means have settled
+    on a batch they are that batch's means, so over that batch the log-determinants sum to zero
+    (CVN: per pixel over batch and channels; SVN: per channel over batch and positions) while single
+    images' do not; before they settle, they do not sum to zero either. Without VN nothing balances."""
+    model = randomise(PyramidFlow(replace(TINY, image_size=8, volume_norm=volume_norm, stacks=2))).double()
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert {b.kind for b in model.blocks} == {"dual", "down", "up"}
-    for block in model.blocks:
-        numeric = _jacobian_log_det(block, levels)
-        analytic = block.log_det(levels)[0]
-        assert abs(numeric - analytic) < 1e-8 * max(1.0, abs(float(numeric)))
+    with torch.no_grad():
+        unsettled = model.eval().log_dets(x)  # running means still 0
+        model.train()
+        for _ in range(300):  # momentum 0.1: 0.9^300 ≈ 2e-14 of the start is left
+            model(x)
+        analytic = model.eval().log_dets(x)  # (images, blocks)
+    for b in range(2):
+        levels = pyramid.build(model.features(x[b:b + 1]), 3)
+        for j, block in enumerate(model.blocks):
+            numeric = float(_jacobian_log_det(block, levels))
+            assert abs(numeric - float(analytic[b, j])) < 1e-8 * max(1.0, abs(numeric))
+            levels = [z.detach() for z in block(levels)]
+    for block in model.blocks:  # the 1×1 convolution keeps volume exactly under VN, in any mode
+        numeric = float(torch.linalg.slogdet(block.mix.matrix().detach().double())[1])
         if volume_norm == "none":
-            assert abs(numeric) > 1e-2  # without volume normalisation the block does change volume
+            assert abs(numeric - float(block.mix.log_det(1).detach())) < 1e-8 and abs(numeric) > 1e-3
         else:
-            assert abs(numeric) < 1e-9
-        levels = [z.detach() for z in block(levels)]
+            assert abs(numeric) < 1e-10
+    if volume_norm == "none":
+        assert (analytic.abs() > 1e-2).all()  # without volume normalisation every block changes volume
+        torch.testing.assert_close(analytic, unsettled)  # and nothing depends on running statistics
+    else:
+        assert analytic.abs().max() > 1e-2  # single images: not zero
+        assert analytic.sum(0).abs().max() < 1e-9  # over the batch the running means saw: zero
+        assert unsettled.sum(0).abs().max() > 1e-2  # with running means that have not seen it: not zero
 
 
 def test_down_block_normalises_the_scales_it_applies():
@@ -194,3 +219,44 @@ def test_tiny_fit_lowers_the_loss_and_round_trips_through_a_checkpoint(tmp_path)
     assert torch.allclose(loaded.predict(x).maps, model.predict(x).maps, atol=1e-6)
     again = fit(config, images, cache=cache)  # from the cache: no training
     assert again.train_seconds == model.train_seconds
+
+
+def test_pretrained_variant_builds_its_pyramid_on_frozen_encoder_features():
+    params = {"image_size": 64, "levels": 0, "volume_norm": "auto", "encoder": "tf_efficientnet_lite0",
+              "weights": "random", "stacks": 1, "kernel_size": 3}
+    config = resolve(params)
+    assert (config.levels, config.volume_norm, config.weights) == (4, "cvn", "random")
+    assert variant(config) == "pretrained"
+    model = PyramidFlow(config)
+    assert (model.channels, model.feature_size) == (24, 16)  # lite0 stage 1: 24 channels at stride 4
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    model.train()
+    assert not model.encoder.training  # frozen: BatchNorm keeps its statistics
+    x = torch.rand(2, 3, 64, 64)
+    assert [tuple(z.shape) for z in model(x)] == [(2, 24, 16 >> k, 16 >> k) for k in range(4)]
+    model.fit_template(x)
+    assert model.predict(x).maps.shape == (2, 64, 64)  # upsampled to the image size
+    with pytest.raises(AdnbError, match="feature side 16"):
+        PyramidFlow(replace(config, levels=8))
+    with pytest.raises(AdnbError, match="not invertible"):
+        model.unlift(model.features(x))
+    scratch = resolve({**params, "encoder": "none", "weights": "auto"})
+    assert scratch.weights == "none" and variant(scratch) == ""
+
+
+@pytest.mark.parametrize("preset", ["ci", "cpu"])
+def test_the_chapters_pretrained_variant_is_the_command_lines(preset):
+    """The chapter trains ``recipe.with_params(**pretrained_variant)``; ``python -m adnb train pyramidflow
+    -p KEY VALUE …`` with the same pairs must resolve the same config and config hash."""
+    from adnb.methods.base import Prepared
+    from adnb.recipe import Recipe
+
+    chapter = Recipe.from_preset("pyramidflow", preset, device="cpu")
+    p = chapter.params
+    assert p["pretrained_variant"]["encoder"] and p["encoder"] == "none"
+    in_chapter = chapter.with_params(**p["pretrained_variant"])
+    command_line = Recipe.from_preset("pyramidflow", preset, dict(p["pretrained_variant"]), device="cpu")
+    a, b = in_chapter.config(), command_line.config()
+    assert a == b and a.encoder == p["pretrained_variant"]["encoder"] and a.weights in ("imagenet", "random")
+    assert in_chapter.config_hash(a, Prepared()) == command_line.config_hash(b, Prepared())
+    assert in_chapter.config_hash(a, Prepared()) != chapter.config_hash(chapter.config(), Prepared())

@@ -40,7 +40,7 @@ def test_wrong_type_names_the_parameter_and_its_type():
 
 def test_a_run_returns_its_records_and_hides_the_injected_cell(tmp_path):
     result = runner.run_notebook(FIXTURE, preset="ci", parameters={"steps": 4}, output=tmp_path / "out.ipynb")
-    assert [p.name for p in result.records] == ["tiny.json"]
+    assert [p.name for p in result.records] == ["tiny-fixture.json"]  # method, then its config hash ("fixture")
     assert json.loads(result.records[0].read_text())["preset"] == "ci"
     nb = nbformat.read(result.output, as_version=4)
     injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]

@@ -10,6 +10,7 @@ import torch
 from adnb.runtime.errors import AdnbError
 from adnb.synthesis import (TextureSource, blend, cutpaste, draem_augment, large_cutpaste, perlin_anomalies,
                             perlin_mask, perlin_noise)
+from adnb.synthesis.augment import drop_channels, dropout2d_keep, hue_rotate
 from adnb.synthesis.cutpaste import rotate_about_origin
 from adnb.synthesis.perlin import perlin_2d, rotate_each
 
@@ -143,3 +144,82 @@ def test_synthesis_runs_on_gpu_with_the_same_result():
     cpu = perlin_anomalies(x, TextureSource.procedural(64), generator=gen(9))
     gpu = perlin_anomalies(x.cuda(), TextureSource.procedural(64), generator=gen(9))
     assert torch.allclose(cpu[0], gpu[0].cpu(), atol=1e-5)
+
+
+# --- FAIR_noDTD's two extra augmenters
+
+def test_hue_rotate_moves_primaries_by_hand():
+    red = torch.zeros(3, 2, 2)
+    red[0] = 1.0
+    green = torch.zeros(3, 2, 2)
+    green[1] = 1.0
+    yellow = torch.zeros(3, 2, 2)
+    yellow[:2] = 1.0
+    assert torch.allclose(hue_rotate(red, 120.0), green, atol=1e-5)
+    assert torch.allclose(hue_rotate(red, 60.0), yellow, atol=1e-5)
+    assert torch.allclose(hue_rotate(red, -240.0), green, atol=1e-5)  # modulo a full turn
+    grey = torch.full((3, 2, 2), 0.4)
+    assert torch.allclose(hue_rotate(grey, 77.0), grey, atol=1e-6)  # no hue to turn
+
+
+def test_hue_rotate_matches_opencv_and_takes_one_angle_per_image():
+    rgb = torch.rand(2, 3, 16, 16)
+    angles = torch.tensor([33.0, 250.0])
+    ours = hue_rotate(rgb, angles)
+    for image, angle, out in zip(rgb, angles.tolist(), ours):
+        hsv = cv2.cvtColor(np.ascontiguousarray(image.permute(1, 2, 0).numpy()), cv2.COLOR_RGB2HSV)  # float: H in degrees
+        hsv[..., 0] = (hsv[..., 0] + angle) % 360
+        ref = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        assert np.abs(out.permute(1, 2, 0).numpy() - ref).max() < 1e-4
+
+
+def test_turning_bgr_read_as_rgb_forward_turns_the_true_hue_back():
+    """Why ``_ops`` turns by −δ: the official loader adds δ to the hue of BGR arrays converted as RGB."""
+    rgb = torch.rand(3, 8, 8)
+    official = hue_rotate(rgb.flip(0), 70.0).flip(0)  # swap R and B, turn, swap back
+    assert torch.allclose(official, hue_rotate(rgb, -70.0), atol=1e-5)
+    assert not torch.allclose(official, hue_rotate(rgb, 70.0), atol=1e-2)
+
+
+def test_dropout2d_zeroes_whole_channels_and_keeps_at_least_one():
+    keep = dropout2d_keep(4000, 0.5, generator=gen(10))
+    assert keep.any(dim=1).all()
+    kept = keep.sum(dim=1).float()
+    # each channel dropped with p = 0.5; all three dropped (1/8) becomes two: 1/8 keep 3, 3/8 keep 2, 1/2 keep 1
+    for n, share in ((3, 1 / 8), (2, 3 / 8), (1, 1 / 2)):
+        assert abs(float((kept == n).float().mean()) - share) < 0.03
+    x = torch.rand(4000, 3, 4, 4) + 0.1
+    out = drop_channels(x, keep)
+    assert torch.equal(out[keep], x[keep]) and (out[~keep] == 0).all()
+
+
+def test_nodtd_augmenters_join_the_draw_only_when_asked():
+    x = torch.rand(64, 3, 16, 16) * 0.8 + 0.1  # no channel is zero by itself
+    plain = draem_augment(x, generator=gen(11))
+    assert torch.equal(plain, draem_augment(x, generator=gen(11), hue_and_dropout=False))
+    nodtd = draem_augment(x, generator=gen(11), hue_and_dropout=True)
+    assert torch.equal(nodtd, draem_augment(x, generator=gen(11), hue_and_dropout=True))
+    zeroed = lambda y: (y.flatten(2).amax(2) == 0).any(1)  # a whole channel at zero: Dropout2d's mark
+    assert not zeroed(plain).any()
+    assert zeroed(nodtd).float().mean() > 0.05  # 3 of 12 picked: about a quarter of the draws include it
+    assert not zeroed(TextureSource.from_images(x).sample(64, generator=gen(12))).any()
+    assert zeroed(TextureSource.from_images(x, hue_and_dropout=True).sample(64, generator=gen(12))).any()
+
+
+def test_fair_nodtd_uses_the_extra_augmenters():
+    from adnb.methods import fair
+
+    images = torch.rand(4, 3, 32, 32)
+    assert fair.texture_source(fair.FairConfig(image_size=32), images).hue_and_dropout
+
+
+def test_nodtd_hue_op_turns_the_true_hue_back_by_up_to_half_a_turn():
+    from adnb.synthesis.augment import _ops
+
+    red = torch.zeros(3, 2, 2)
+    red[0] = 1.0
+    for seed in range(20):
+        ops = _ops(gen(seed), hue_and_dropout=True)
+        assert len(ops) == 12
+        hue = cv2.cvtColor(np.ascontiguousarray(ops[1](red).permute(1, 2, 0).numpy()), cv2.COLOR_RGB2HSV)[0, 0, 0]
+        assert 180 - 1e-3 <= hue <= 360 or hue < 1e-3  # red (0°) turned by −U(0°, 180°)

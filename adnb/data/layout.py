@@ -11,6 +11,10 @@ MPDD uses the same layout, VisA and BTAD reach it through ``adnb.data.convert``,
 folder works as soon as it has ``train/good`` (``test`` and ``ground_truth`` are optional).
 Masks pair with images by file stem plus a suffix (``_mask`` by default, found automatically);
 every image or mask left without a partner is named in the error.
+
+Images of any shape reach the model's square size by one of the resize modes of
+``adnb.data.framing`` (``squash`` by default, ``letterbox``, ``tile``); with ``tile`` a split holds
+one row per tile, and ``Split.origin`` says which image each row came from.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adnb.data.images import IMAGE_SUFFIXES, read_image, read_mask, resize_image, resize_mask
+from adnb.data.framing import check_mode, frame_image, frame_mask
+from adnb.data.images import IMAGE_SUFFIXES, read_image, read_mask
 from adnb.runtime.errors import AdnbError
 
 NORMAL_NAMES = ("good", "ok")
@@ -66,12 +71,23 @@ def _normal_folder(split: Path) -> Path | None:
 
 @dataclass
 class Split:
-    """A split loaded at model resolution: images ``N×3×S×S`` uint8, labels, masks ``N×S×S``."""
+    """A split loaded at model resolution: images ``N×3×S×S`` uint8, labels, masks ``N×S×S``.
+
+    One row per model input: with ``resize="tile"`` an image gives several rows, each row's
+    ``samples``/``labels`` entry repeats its image's, and ``origin[i]`` is the index of row ``i``'s
+    image among ``image_samples`` (``origin`` is ``0…N−1`` for the other modes).
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
     masks: torch.Tensor | None
     samples: list[Sample]
+    resize: str = "squash"
+    origin: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.origin is None:
+            self.origin = torch.arange(len(self.samples))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -79,6 +95,25 @@ class Split:
     def float_images(self) -> torch.Tensor:
         """Images as float in [0, 1], what every model takes."""
         return self.images.float().div_(255)
+
+    @property
+    def n_images(self) -> int:
+        """The number of images the rows came from (``len(self)`` unless tiled)."""
+        return int(self.origin.max()) + 1 if len(self.origin) else 0
+
+    @property
+    def image_samples(self) -> list[Sample]:
+        """One sample per image, indexed like ``origin``."""
+        first: dict[int, Sample] = {}
+        for row, image in enumerate(self.origin.tolist()):
+            first.setdefault(image, self.samples[row])
+        return [first[j] for j in range(self.n_images)]
+
+    def per_image(self, row_scores: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Image scores from row (tile) scores: ``score_j = max_{i: origin_i = j} row_i`` (see ``framing``)."""
+        rows = torch.as_tensor(row_scores).float()
+        out = torch.full((self.n_images,), -torch.inf).scatter_reduce(0, self.origin, rows, "amax")
+        return out.numpy()
 
 
 @dataclass
@@ -113,15 +148,28 @@ class Category:
         masks = "with masks" if self.has_masks else "no masks (image-level metrics only)"
         return f"{self.dataset}/{self.name}: train {len(self.train)} good; test {len(self.test)} ({test}); {masks}"
 
-    def load(self, split: str, image_size: int, limit: int | None = None, seed: int = 0) -> Split:
-        """Load ``"train"`` or ``"test"`` at ``image_size``; ``limit`` keeps a stratified subset."""
+    def load(self, split: str, image_size: int, limit: int | None = None, seed: int = 0, *,
+             resize: str = "squash") -> Split:
+        """Load ``"train"`` or ``"test"`` at ``image_size``; ``limit`` keeps a stratified subset.
+
+        ``resize`` fits each image into ``image_size×image_size`` (``adnb.data.framing``):
+        ``squash`` (default), ``letterbox`` or ``tile`` — every tile of every image is one row.
+        """
         samples = {"train": self.train, "test": self.test}.get(split)
         if samples is None:
             raise AdnbError(f"unknown split {split!r}; valid: 'train', 'test'")
         if not samples:
             raise AdnbError(f"{self.root} has no {split} images; expected them under {self.root / split}")
         chosen = tuple(stratified_subset(samples, limit, seed))
-        return _load_split(chosen, int(image_size))
+        return _load_split(chosen, int(image_size), check_mode(resize))
+
+
+def split_holdout(n: int, holdout: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted indices (kept, held out) of ``n`` items, ``holdout`` of them held out at random (seeded)."""
+    if not 0 <= holdout < n:
+        raise AdnbError(f"cannot hold out {holdout} of {n} images; lower the hold-out")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[holdout:].sort().values, perm[:holdout].sort().values
 
 
 def stratified_subset(samples: Sequence[Sample], limit: int | None, seed: int = 0) -> list[Sample]:
@@ -139,24 +187,28 @@ def stratified_subset(samples: Sequence[Sample], limit: int | None, seed: int = 
 
 
 @lru_cache(maxsize=8)
-def _load_split(samples: tuple[Sample, ...], size: int) -> Split:
+def _load_split(samples: tuple[Sample, ...], size: int, resize: str = "squash") -> Split:
     def one(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
         image = read_image(sample.image)
+        tiles, framing = frame_image(image, size, resize)
         if sample.mask is None:
-            return resize_image(image, size), np.zeros((size, size), bool)
+            return tiles, np.zeros((len(tiles), size, size), bool)
         mask = read_mask(sample.mask)
         if mask.shape != image.shape[:2]:
             raise AdnbError(f"mask {sample.mask} is {mask.shape[1]}×{mask.shape[0]} but its image {sample.image} is "
                             f"{image.shape[1]}×{image.shape[0]}; masks must have their image's size")
-        return resize_image(image, size), resize_mask(mask, size)
+        return tiles, frame_mask(mask, framing)
 
     with ThreadPoolExecutor(max_workers=2) as pool:  # decoding releases the GIL
         pairs = list(pool.map(one, samples))
-    images = torch.from_numpy(np.stack([p[0] for p in pairs])).permute(0, 3, 1, 2).contiguous()
+    counts = [len(p[0]) for p in pairs]
+    images = torch.from_numpy(np.concatenate([p[0] for p in pairs])).permute(0, 3, 1, 2).contiguous()
     has_masks = any(s.mask is not None for s in samples)
-    masks = torch.from_numpy(np.stack([p[1] for p in pairs])) if has_masks else None
-    labels = torch.tensor([s.label for s in samples])
-    return Split(images, labels, masks, list(samples))
+    masks = torch.from_numpy(np.concatenate([p[1] for p in pairs])) if has_masks else None
+    rows = [s for s, k in zip(samples, counts) for _ in range(k)]
+    labels = torch.tensor([s.label for s in rows])
+    origin = torch.repeat_interleave(torch.arange(len(samples)), torch.tensor(counts))
+    return Split(images, labels, masks, rows, resize, origin)
 
 
 def list_categories(root: str | Path) -> list[str]:

@@ -14,10 +14,12 @@ Everything a trained detector needs lives in its ``state_dict`` (tensors only), 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 import importlib
 import json
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from collections.abc import Mapping
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
 from torch import nn
@@ -26,11 +28,22 @@ from adnb.runtime.cache import CacheEntry
 from adnb.runtime.errors import AdnbError
 
 REGISTRY: dict[str, type[Detector]] = {}
+T = TypeVar("T")
 
 
 class Prediction(NamedTuple):
     scores: torch.Tensor  # (B,) one anomaly score per image
     maps: torch.Tensor  # (B, H, W) anomaly map at the model's resolution
+
+
+@dataclass
+class Prepared:
+    """What a method's optional ``prepare`` hook makes for its ``fit`` (see ``adnb.recipe``): keyword
+    arguments, a key naming them (it joins the cache key and the config hash), facts for the record."""
+
+    extras: dict[str, Any] = field(default_factory=dict)
+    key: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 class Detector(nn.Module):
@@ -58,6 +71,14 @@ class Detector(nn.Module):
         if tensor is None:
             tensor = next(iter(self.buffers()))
         return tensor.device
+
+    @property
+    def precision(self) -> str:
+        """The arithmetic of the method's networks on the current device: ``config.precision`` (fp32 when
+        the method has none) with ``auto`` resolved (``adnb.runtime.precision``)."""
+        from adnb.runtime.precision import resolve_precision
+
+        return resolve_precision(getattr(self.config, "precision", "fp32"), self.device)
 
     def predict(self, images: torch.Tensor) -> Prediction:
         """Scores and maps for ``images`` (B×3×S×S, float in [0, 1], S = ``image_size``)."""
@@ -132,12 +153,19 @@ def detector_class(method: str) -> type[Detector]:
     return REGISTRY[method]
 
 
+def config_from(config_class: type[T], params: Mapping[str, Any], **changes: Any) -> T:
+    """``config_class`` with every field that ``params`` names set from it (lists become tuples), then ``changes``.
+
+    Names that are not fields (a chapter's other parameters) are ignored.
+    """
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in params.items() if k in fields}
+    return config_class(**{**values, **changes})
+
+
 def build_detector(method: str, config: dict[str, Any] | Any) -> Detector:
     cls = detector_class(method)
-    if isinstance(config, dict):
-        fields = {f.name: f for f in dataclasses.fields(cls.config_class)}
-        config = cls.config_class(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if k in fields})
-    return cls(config)
+    return cls(config_from(cls.config_class, config) if isinstance(config, dict) else config)
 
 
 def load_detector(checkpoint: str | Path, device: str | torch.device = "cpu") -> Detector:

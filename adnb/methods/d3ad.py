@@ -38,21 +38,25 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import kornia
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adnb.backbones import Backbone, resolve_weights
+from adnb.data.layout import Category, split_holdout
 from adnb.diffusion import Schedule, ddim_step, epsilon_loss, fit_denoiser, linear_schedule, model_eps, q_sample
-from adnb.methods.base import Detector, Prediction
-from adnb.runtime.cache import CacheEntry, entry, train_loop
+from adnb.methods.base import Detector, Prediction, config_from
+from adnb.runtime.cache import CacheEntry, GeneratorState, cached_training, train_loop
 from adnb.runtime.errors import AdnbError
-from adnb.weights import ResNetFeatures, hub_pretrained
+from adnb.runtime.precision import autocast, grad_scaler, optimiser_step
+from adnb.runtime.seed import generator as seeded_generator, seeded
+from adnb.weights import hub_pretrained
 
 LATENTS = ("small", "sd")
 SD_VAE_REPO = "stabilityai/sd-vae-ft-mse"
@@ -92,8 +96,13 @@ class D3ADConfig:
     ddim_steps: int = 10
     guidance: float = 4.0  # w; official config 4, paper 7–10, 0 = no guidance
     omega: float = 0.0  # fraction of the noise added to the scaled latent (supplement Eq. 12)
+    # feature extractor (adnb.backbones): the kNN noise level, domain adaptation and the feature map
+    backbone: str = "resnet34.tv_in1k"  # the paper's: torchvision's ImageNet ResNet-34 (V1 weights)
+    stages: tuple[int, ...] = (1, 2, 3)  # the levels domain adaptation aligns (ResNet layer1–3)
+    map_stages: tuple[int, ...] = (2, 3)  # the levels whose cosine distance enters the anomaly map
+    knn_stage: int = 2  # the level whose pooled features place an image among the training images
+    weights: str = "auto"  # auto | imagenet | random
     # dynamic noise level
-    backbone: str = "resnet34"
     knn_k: int = 20
     knn_pool: int = 16  # layer-2 features are average-pooled to knn_pool² positions
     knn_include_self: bool = False  # the official code counts a training image as its own neighbour
@@ -103,12 +112,16 @@ class D3ADConfig:
     da_epochs: int = 1  # γ
     da_lr: float = 1e-4
     # anomaly map
+    reference: str = "input"  # input (paper) | autoencoded: the feature term compares the reconstruction with D(E(x))
     lam: float = 0.85  # λ, weight of the latent term
     blur_sigma: float = 4.0  # Gaussian blur, in pixels of a 256-px image (scaled with image_size)
     holdout: int = 10  # normal training images kept out of training for the map normalisation (0 = use training)
+    precision: str = "fp32"  # the networks' arithmetic: fp32 | bf16 | fp16 | auto (adnb.runtime.precision)
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.reference not in ("input", "autoencoded"):
+            raise AdnbError(f"unknown feature reference {self.reference!r}; valid: input, autoencoded")
         if self.latent not in LATENTS:
             raise AdnbError(f"unknown latent space {self.latent!r}; valid: {', '.join(LATENTS)}")
         if max(self.t_max, self.static_t) > self.train_t_max:
@@ -118,6 +131,9 @@ class D3ADConfig:
             raise AdnbError("unet_attention needs one flag per entry of unet_channels")
         if self.image_size % self.downsampling:
             raise AdnbError(f"image_size {self.image_size} must be a multiple of the autoencoder's factor {self.downsampling}")
+        if self.knn_stage not in self.stages or not set(self.map_stages) <= set(self.stages):
+            raise AdnbError(f"knn_stage {self.knn_stage} and map_stages {self.map_stages} must be among the "
+                            f"extracted stages {self.stages}")
 
     @property
     def downsampling(self) -> int:
@@ -214,33 +230,39 @@ def build_autoencoder(config: D3ADConfig) -> nn.Module:
     return StableDiffusionVAE() if config.latent == "sd" else SmallAutoencoder(config.ae_channels)
 
 
-def random_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    """One random ``size``² window of the batch (the same for every sample; global torch RNG)."""
+def random_crop(x: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One random ``size``² window of the batch (the same for every sample)."""
     h, w = x.shape[-2:]
     if size <= 0 or size >= min(h, w):
         return x
-    i, j = (int(v) for v in torch.randint(0, h - size + 1, (1,)).tolist() + torch.randint(0, w - size + 1, (1,)).tolist())
+    i = int(torch.randint(0, h - size + 1, (1,), generator=generator))
+    j = int(torch.randint(0, w - size + 1, (1,), generator=generator))
     return x[..., i:i + size, j:j + size]
 
 
 def train_autoencoder(ae: SmallAutoencoder, images: torch.Tensor, *, epochs: int, lr: float, batch_size: int,
-                      crop: int = 0, checkpoint: CacheEntry | None = None) -> list[dict[str, float]]:
-    """L1 reconstruction training of the small autoencoder; then fix its latent scale."""
+                      crop: int = 0, checkpoint: CacheEntry | None = None, generator: torch.Generator | None = None,
+                      precision: str = "fp32") -> list[dict[str, float]]:
+    """L1 reconstruction training of the small autoencoder (its convolutions at ``precision``, the loss in
+    fp32); then fix its latent scale."""
     ae.train()
     opt = torch.optim.AdamW(ae.parameters(), lr=lr)
+    scaler = grad_scaler(precision, images.device)
+    generator = generator or torch.Generator()
 
     def run_epoch(_: int) -> dict[str, float]:
         total = 0.0
-        for idx in torch.randperm(len(images)).split(batch_size):
-            x = random_crop(images[idx.to(images.device)], crop)
-            loss = (ae.decode(ae.encode(x), clamp=False) - x).abs().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        for idx in torch.randperm(len(images), generator=generator).split(batch_size):
+            x = random_crop(images[idx.to(images.device)], crop, generator)
+            with autocast(precision, x.device):
+                restored = ae.decode(ae.encode(x), clamp=False)
+            loss = (restored.float() - x).abs().mean()
+            optimiser_step(loss, opt, scaler)
             total += float(loss.detach()) * len(idx)
         return {"l1": total / len(images)}
 
-    history = train_loop(epochs, run_epoch, {"autoencoder": ae, "optimizer": opt}, checkpoint, desc="autoencoder")
+    history = train_loop(epochs, run_epoch, {"autoencoder": ae, "optimizer": opt, "generator": GeneratorState(generator)},
+                         checkpoint, desc="autoencoder")
     ae.eval()
     with torch.no_grad():
         ae.latent_scale.fill_(1.0)
@@ -385,8 +407,8 @@ class D3AD(Detector):
         self.denoiser = build_unet(config, self.latent_size)
         self.schedule = linear_schedule(config.beta_start, config.beta_end, config.num_steps)
         # Random weights here; ``fit`` loads ImageNet's when they exist, ``load_state`` the trained ones.
-        self.extractor = ResNetFeatures(config.backbone, ("layer1", "layer2", "layer3"), pretrained=False)
-        dim = self.extractor.channels[1] * config.knn_pool ** 2
+        self.extractor = Backbone(config.backbone, config.stages)
+        dim = self.extractor.channels[config.stages.index(config.knn_stage)] * config.knn_pool ** 2
         self.register_buffer("knn_bank", torch.zeros(0, dim))
         self.register_buffer("train_distances", torch.zeros(0))
         self.register_buffer("bin_edges", torch.zeros(config.n_bins + 1, dtype=torch.float64))
@@ -394,16 +416,31 @@ class D3AD(Detector):
 
     # the pieces, each usable on its own (the chapter shows them one by one)
 
+    # The networks run at ``self.precision``; what comes out of them is fp32, and so is everything the
+    # method computes from it (latent differences, DDIM and guidance steps, cosines, kNN distances).
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.autoencoder.encode(images)
+        with autocast(self.precision, images.device):
+            return self.autoencoder.encode(images).float()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.autoencoder.decode(latents)
+        with autocast(self.precision, latents.device):
+            return self.autoencoder.decode(latents).float()
+
+    def eps(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """ε_θ(z_t, t), the denoiser's noise prediction."""
+        with autocast(self.precision, z.device):
+            return model_eps(self.denoiser, z, t).float()
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The extractor's stages for ``images``."""
+        with autocast(self.precision, images.device):
+            return [f.float() for f in self.extractor(images)]
 
     def knn_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Layer-2 features pooled to knn_pool² positions and flattened (one row per image)."""
-        layer2 = self.extractor(images)[1]
-        return F.adaptive_avg_pool2d(layer2, self.config.knn_pool).flatten(1)
+        """The ``knn_stage`` features pooled to knn_pool² positions and flattened (one row per image)."""
+        features = self.features(images)[self.config.stages.index(self.config.knn_stage)]
+        return F.adaptive_avg_pool2d(features, self.config.knn_pool).flatten(1)
 
     def knn_distances(self, images: torch.Tensor) -> torch.Tensor:
         """Mean L1 distance of each image's features to its k nearest training images."""
@@ -423,8 +460,15 @@ class D3AD(Detector):
 
     def reconstruct_latents(self, z0: torch.Tensor, t_hat: torch.Tensor) -> torch.Tensor:
         c = self.config
-        return reconstruct_latent(lambda z, t: model_eps(self.denoiser, z, t), self.schedule, z0, t_hat,
+        return reconstruct_latent(self.eps, self.schedule, z0, t_hat,
                                   steps=c.ddim_steps, guidance=c.guidance, omega=c.omega, noise=self._noise(z0))
+
+    def reference(self, images: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
+        """What the reconstruction is compared with in feature space: the input (the paper), or its
+        autoencoded copy D(E(x)) (``reference="autoencoded"``), which is the input for a perfect
+        autoencoder and otherwise carries the autoencoder's own blur, so that only what the
+        diffusion model changed stands out."""
+        return self.decode(z0) if self.config.reference == "autoencoded" else images
 
     @torch.no_grad()
     def terms(self, images: torch.Tensor, t_hat: torch.Tensor | None = None) -> AnomalyTerms:
@@ -436,8 +480,9 @@ class D3AD(Detector):
         size = images.shape[-2:]
         latent = F.interpolate((z_hat - z0).abs().mean(dim=1, keepdim=True), size=size, mode="bilinear", align_corners=True)
         feature = torch.zeros_like(latent)
-        for a, b in list(zip(self.extractor(images), self.extractor(recon)))[1:]:  # layers 2 and 3
-            feature += F.interpolate(cosine_distance_map(a, b), size=size, mode="bilinear", align_corners=True)
+        for stage, a, b in zip(self.config.stages, self.features(self.reference(images, z0)), self.features(recon)):
+            if stage in self.config.map_stages:
+                feature += F.interpolate(cosine_distance_map(a, b), size=size, mode="bilinear", align_corners=True)
         return AnomalyTerms(latent[:, 0], feature[:, 0], t_hat, recon)
 
     def combine(self, terms: AnomalyTerms, ranges: torch.Tensor | None = None) -> Prediction:
@@ -493,81 +538,52 @@ class D3AD(Detector):
 
 # --- training ---------------------------------------------------------------------------------------------------
 
-AE_FIELDS = ("image_size", "latent", "ae_channels", "ae_epochs", "ae_lr", "ae_crop", "batch_size", "holdout", "seed")
+AE_FIELDS = ("image_size", "latent", "ae_channels", "ae_epochs", "ae_lr", "ae_crop", "batch_size", "holdout", "precision",
+             "seed")
 UNET_FIELDS = AE_FIELDS + ("unet_channels", "unet_layers", "unet_attention", "unet_head_dim", "unet_crop", "epochs",
                            "lr", "weight_decay", "beta_start", "beta_end", "num_steps", "train_t_max")
-DA_FIELDS = UNET_FIELDS + ("backbone", "da_epochs", "da_lr", "t_max", "ddim_steps", "guidance", "omega")
-
-
-def split_holdout(n: int, holdout: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (train, held out) of n training images; ``holdout`` = 0 keeps all for both."""
-    if holdout <= 0:
-        idx = torch.arange(n)
-        return idx, idx
-    if holdout >= n - 1:
-        raise AdnbError(f"holdout={holdout} leaves too few of the {n} training images to train on; lower it")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return perm[holdout:].sort().values, perm[:holdout].sort().values
+DA_FIELDS = UNET_FIELDS + ("backbone", "stages", "weights", "da_epochs", "da_lr", "t_max", "ddim_steps", "guidance",
+                           "omega")
 
 
 def adapt_extractor(detector: D3AD, images: torch.Tensor, *, epochs: int, lr: float, batch_size: int,
-                    checkpoint: CacheEntry | None = None) -> list[dict[str, float]]:
+                    checkpoint: CacheEntry | None = None,
+                    generator: torch.Generator | None = None) -> list[dict[str, float]]:
     """Domain adaptation: fine-tune the extractor so x and its reconstruction x̂ give alike features.
 
     Each batch is reconstructed at one random level T̂ = round_10(k / 10 · T_max), k ~ U{1 … 10},
-    without gradients; then one AdamW step on ``adaptation_loss`` over layers 1–3.
+    without gradients; then one AdamW step on ``adaptation_loss`` over every extracted stage.
+    BatchNorm adapts its statistics to the category too (the extractor trains in training mode).
     """
     extractor = detector.extractor
-    opt = torch.optim.AdamW(extractor.parameters(), lr=lr)
+    generator = generator or torch.Generator()
+    with extractor.unfrozen():
+        opt = torch.optim.AdamW(extractor.parameters(), lr=lr)
+        scaler = grad_scaler(detector.precision, images.device)
 
-    def run_epoch(_: int) -> dict[str, float]:
-        total = 0.0
-        extractor.train()  # BatchNorm adapts its statistics to the category too
-        for idx in torch.randperm(len(images)).split(batch_size):
-            x = images[idx.to(images.device)]
-            k = int(torch.randint(1, detector.config.n_bins + 1, (1,)))
-            t_hat = round_to_tens(torch.full((len(x),), k / detector.config.n_bins * detector.config.t_max, device=x.device))
-            with torch.no_grad():
-                recon = detector.decode(detector.reconstruct_latents(detector.encode(x), t_hat))
-            loss = adaptation_loss(extractor(x), extractor(recon))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(x)
-        extractor.eval()
-        return {"cosine": total / len(images)}
+        def run_epoch(_: int) -> dict[str, float]:
+            total = 0.0
+            for idx in torch.randperm(len(images), generator=generator).split(batch_size):
+                x = images[idx.to(images.device)]
+                k = int(torch.randint(1, detector.config.n_bins + 1, (1,), generator=generator))
+                t_hat = round_to_tens(torch.full((len(x),), k / detector.config.n_bins * detector.config.t_max,
+                                                 device=x.device))
+                with torch.no_grad():
+                    recon = detector.decode(detector.reconstruct_latents(detector.encode(x), t_hat))
+                loss = adaptation_loss(detector.features(x), detector.features(recon))
+                optimiser_step(loss, opt, scaler)
+                total += float(loss.detach()) * len(x)
+            return {"cosine": total / len(images)}
 
-    extractor.requires_grad_(True)
-    history = train_loop(epochs, run_epoch, {"extractor": extractor, "optimizer": opt}, checkpoint,
-                         desc="domain adaptation")
-    extractor.requires_grad_(False).eval()
+        history = train_loop(epochs, run_epoch, {"extractor": extractor, "optimizer": opt,
+                                                 "generator": GeneratorState(generator)},
+                             checkpoint, desc="domain adaptation")
     return history
 
 
-def _stage(cache: CacheEntry | None, name: str, config: D3ADConfig, fields: Sequence[str],
-           force_train: bool) -> CacheEntry | None:
+def _stage(cache: CacheEntry | None, name: str, config: D3ADConfig, fields: Sequence[str]) -> CacheEntry | None:
     """The cache entry of one training stage, keyed by the options it (and the stages before it) depend on."""
-    if cache is None:
-        return None
-    stage = entry(D3AD.method, {f: getattr(config, f) for f in fields}, cache.spec["data"],
-                  root=cache.folder.parent.parent, stage=name)
-    if force_train:
-        stage.clear()
-    return stage
-
-
-def _run_stage(stage: CacheEntry | None, module: nn.Module, train: Callable[[CacheEntry | None], object]) -> float:
-    """Load ``module`` from its stage cache, or train it there; returns the stage's training seconds."""
-    if stage is not None and stage.exists():
-        state, sidecar = stage.load()
-        module.load_state_dict(state)
-        return float(sidecar["info"]["train_seconds"])
-    start = time.perf_counter()
-    train(stage)
-    seconds = time.perf_counter() - start
-    if stage is not None:
-        stage.save(module.state_dict(), {"info": {"train_seconds": seconds}})
-    return seconds
+    return None if cache is None else cache.stage(name, {f: getattr(config, f) for f in fields})
 
 
 def fit(config: D3ADConfig, images: torch.Tensor, *, device: torch.device | str = "cpu",
@@ -575,13 +591,24 @@ def fit(config: D3ADConfig, images: torch.Tensor, *, device: torch.device | str 
     """Train D3AD on normal ``images`` (N×3×S×S in [0, 1]): autoencoder, denoiser, adaptation, kNN, normalisation.
 
     Every stage is cached on its own, so changing e.g. only ``da_epochs`` keeps the trained
-    autoencoder and denoiser.
+    autoencoder and denoiser. Every random draw comes from one generator seeded with ``config.seed``.
     """
-    detector = D3AD(config).to(device)
+    with seeded(config.seed):
+        detector = D3AD(config).to(device)
     if detector.restore(cache, force_train):
         return detector.eval()
-    torch.manual_seed(config.seed)
-    train_idx, hold_idx = split_holdout(len(images), config.holdout, config.seed)
+    generator = seeded_generator(config.seed)
+    if len(images) < 3:
+        raise AdnbError(f"D3AD needs at least 3 training images (its kNN noise level compares each with the "
+                        f"others); got {len(images)}")
+    holdout = min(config.holdout, len(images) // 3)  # a small training set keeps two thirds for training
+    if holdout < config.holdout:
+        print(f"[adnb] D3AD holds out {holdout} of {len(images)} training images for the map normalisation "
+              f"(holdout={config.holdout} would leave too few to train on)")
+    if holdout:
+        train_idx, hold_idx = split_holdout(len(images), holdout, config.seed)
+    else:
+        train_idx = hold_idx = torch.arange(len(images))
     x_train, x_hold = images[train_idx].to(device), images[hold_idx].to(device)
     weights = {}
 
@@ -590,15 +617,18 @@ def fit(config: D3ADConfig, images: torch.Tensor, *, device: torch.device | str 
         pretrained = pretrained_sd_vae()
         if pretrained is None:
             raise AdnbError(f"latent='sd' needs Stable Diffusion's VAE ({SD_VAE_REPO}) and it is not on this machine; "
-                            "use latent='small' (or resolve_latent('auto')), or download it as the message above says")
+                            "use latent='small' (or latent='auto'), or download it as the message above says")
         ae.vae.load_state_dict(pretrained.state_dict())
         seconds = {"autoencoder": 0.0}
         weights["latent"] = SD_VAE_REPO
     else:
-        seconds = {"autoencoder": _run_stage(
-            _stage(cache, "autoencoder", config, AE_FIELDS, force_train), ae,
-            lambda ck: train_autoencoder(ae, x_train, epochs=config.ae_epochs, lr=config.ae_lr,
-                                         batch_size=config.batch_size, crop=config.ae_crop, checkpoint=ck))}
+        seconds = {"autoencoder": cached_training(
+            _stage(cache, "autoencoder", config, AE_FIELDS), ae,
+            lambda ck: {"history": train_autoencoder(ae, x_train, epochs=config.ae_epochs, lr=config.ae_lr,
+                                                     batch_size=config.batch_size, crop=config.ae_crop,
+                                                     checkpoint=ck, generator=generator,
+                                                     precision=detector.precision)},
+            force_train)["train_seconds"]}
         weights["latent"] = "trained-here"
     ae.requires_grad_(False).eval()
 
@@ -608,26 +638,39 @@ def fit(config: D3ADConfig, images: torch.Tensor, *, device: torch.device | str 
     opt = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
     def unet_loss(model: nn.Module, schedule: Schedule, z0: torch.Tensor) -> torch.Tensor:
-        return epsilon_loss(model, schedule, random_crop(z0, config.unet_crop), t_max=config.train_t_max)
+        return epsilon_loss(model, schedule, random_crop(z0, config.unet_crop, generator), t_max=config.train_t_max,
+                            generator=generator)
 
-    seconds["denoiser"] = _run_stage(
-        _stage(cache, "denoiser", config, UNET_FIELDS, force_train), unet,
-        lambda ck: fit_denoiser(unet, latents, detector.schedule, epochs=config.epochs, batch_size=config.batch_size,
-                                optimizer=opt, checkpoint=ck, loss=unet_loss))
+    seconds["denoiser"] = cached_training(
+        _stage(cache, "denoiser", config, UNET_FIELDS), unet,
+        lambda ck: {"history": fit_denoiser(unet, latents, detector.schedule, epochs=config.epochs,
+                                            batch_size=config.batch_size, optimizer=opt, checkpoint=ck,
+                                            loss=unet_loss, generator=generator, precision=detector.precision)},
+        force_train)["train_seconds"]
     unet.requires_grad_(False).eval()
 
-    pretrained_extractor = ResNetFeatures(config.backbone, detector.extractor.layers, pretrained=True)
-    detector.extractor.load_state_dict(pretrained_extractor.state_dict())
-    weights["backbone"] = pretrained_extractor.source + (f"+adapted-{config.da_epochs}-epochs" if config.da_epochs else "")
+    backbone = detector.extractor.load_weights(config.weights)
+    if backbone.kind == "random":
+        detector.extractor.estimate_batchnorm(x_train)
+    weights["backbone"] = backbone.kind + (f"+adapted-{config.da_epochs}-epochs" if config.da_epochs else "")
+    weights["backbone_origin"] = backbone.origin or "random initialisation"
     if config.da_epochs:
-        seconds["adaptation"] = _run_stage(
-            _stage(cache, "adaptation", config, DA_FIELDS, force_train), detector.extractor,
-            lambda ck: adapt_extractor(detector, x_train, epochs=config.da_epochs, lr=config.da_lr,
-                                       batch_size=config.batch_size, checkpoint=ck))
-    detector.extractor.requires_grad_(False).eval()
+        seconds["adaptation"] = cached_training(
+            _stage(cache, "adaptation", config, DA_FIELDS), detector.extractor,
+            lambda ck: {"history": adapt_extractor(detector, x_train, epochs=config.da_epochs, lr=config.da_lr,
+                                                   batch_size=config.batch_size, checkpoint=ck, generator=generator)},
+            force_train)["train_seconds"]
 
     start = time.perf_counter()
     detector.fit_knn(x_train).calibrate(x_hold)
     seconds["knn_and_normalisation"] = time.perf_counter() - start
-    return detector.store(cache, sum(seconds.values()), weights=weights, stage_seconds=seconds,
-                          n_train=len(train_idx), n_holdout=len(hold_idx) if config.holdout else 0).eval()
+    return detector.store(cache, sum(seconds.values()), weights=weights, stage_seconds=seconds, precision=detector.precision,
+                          n_train=len(train_idx), n_holdout=len(hold_idx) if holdout else 0).eval()
+
+
+def resolve(params: Mapping[str, Any], category: Category | None = None) -> D3ADConfig:
+    """The config as it will run: the latent space (``"auto"``: SD's VAE when its weights are here) and
+    the extractor's weights resolved, so the cache key names what actually runs."""
+    latent = resolve_latent(str(params.get("latent") or "small"))
+    config = config_from(D3ADConfig, {**params, "latent": latent})
+    return dataclasses.replace(config, weights=resolve_weights(config.backbone, config.weights))

@@ -36,6 +36,12 @@ Deviations from the official code (gasharper/PyramidFlow), all argued in the cha
   each block twice more and updates them three times); there is no reversible backward here;
 - the last training epoch's model is reported; the official code keeps the epoch with the best
   test score.
+
+Precision: under a bf16 (or fp16) ``autocast`` block only the (s, t) convolutions drop to 16 bits.
+Everything on the invertible path stays fp32 — the pyramid, s and t themselves, volume
+normalisation, exp(s) ⊙ x + t, the 1×1 convolution and its matrix, so also every log-determinant
+— as does the Fourier loss: the latents are what the anomaly map subtracts the template from, and
+16 blocks of 3-digit rounding on that path would add up to noise in the map.
 """
 
 from __future__ import annotations
@@ -43,7 +49,9 @@ from __future__ import annotations
 import math
 import time
 from functools import lru_cache
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 from itertools import combinations
 
 import torch
@@ -51,13 +59,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from adnb import pyramid
-from adnb.methods.base import Detector, Prediction
+from adnb.backbones import Backbone, resolve_weights
+from adnb.data.layout import Category
+from adnb.methods.base import Detector, Prediction, config_from
 from adnb.runtime.cache import CacheEntry, train_loop
 from adnb.runtime.errors import AdnbError
-from adnb.weights import IMAGENET_MEAN, IMAGENET_STD, ResNetFeatures
+from adnb.runtime.precision import PRECISIONS, at_least_fp32, autocast, full_precision, grad_scaler, optimiser_step
+from adnb.runtime.seed import seeded
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the lift's input normalisation
 
 VOLUME_NORMS = ("cvn", "svn", "none")
-ENCODERS = ("none", "resnet18", "resnet34")
 TEMPLATES = ("mean", "single")
 DIFFERENCES = ("pyramid", "finest")
 LOSSES = ("fourier", "spatial")
@@ -75,14 +87,16 @@ TEXTURES = ("carpet", "grid", "leather", "tile", "wood")  # MVTec AD's texture c
 @dataclass(frozen=True)
 class PyramidFlowConfig:
     image_size: int = 256  # side of the square input images
-    channels: int = 16  # C, the width of the lifted features (a ResNet encoder fixes 64)
+    channels: int = 16  # C, the width of the lifted features (an encoder fixes its own)
     levels: int = 4  # L, pyramid levels; the side must be divisible by 2^(L−1)
     stacks: int = 4  # repetitions of the coupling pattern
     kernel_size: int = 7  # of the two convolutions that compute (s, t)
     clamp: float = 2.0  # c of the soft clamp s = c·0.636·atan(s₀/c)
     volume_norm: str = "cvn"  # cvn (per pixel, over channels) | svn (per channel, over positions) | none
     downsample: str = "max"  # max (official code) | nearest (paper) — the pyramid's D
-    encoder: str = "none"  # none (from scratch, the paper's main setting) | resnet18 | resnet34
+    encoder: str = "none"  # none (from scratch, the paper's main setting) | a timm backbone (adnb.backbones)
+    encoder_stage: int = 1  # the encoder's feature level the pyramid is built on (1: stride 4, ResNet layer1)
+    weights: str = "none"  # the encoder's: auto | imagenet | random ("none" without an encoder)
     template: str = "mean"  # mean training latent | single (the first training image's latent: ablation)
     difference: str = "pyramid"  # pyramid (compose all levels) | finest (level 0 only: ablation)
     loss: str = "fourier"  # fourier: mean |FFT2(Δ)| | spatial: mean Δ (ablation)
@@ -90,6 +104,7 @@ class PyramidFlowConfig:
     batch_size: int = 2
     lr: float = 2e-4
     augment: bool = False  # random flips and 90° rotations (the official recipe for textures)
+    precision: str = "fp32"  # the (s, t) convolutions' arithmetic: fp32 | bf16 | fp16 | auto (adnb.runtime.precision)
     seed: int = 0  # initialisation, shuffling and augmentation
 
 
@@ -172,12 +187,16 @@ def conv_nearest_up2(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     for start_y, fold_y in folds:
         row = []
         for start_x, fold_x in folds:
-            phase_weight = torch.einsum("uk,ockl,vl->ocuv", fold_y, weight, fold_x)
+            with full_precision(weight.device):  # sum the folded taps exactly; the convolution rounds once
+                phase_weight = torch.einsum("uk,ockl,vl->ocuv", fold_y, weight, fold_x)
             n_y, n_x = phase_weight.shape[-2:]
-            row.append(F.conv2d(padded[:, :, start_y:start_y + h + n_y - 1, start_x:start_x + w + n_x - 1], phase_weight))
-        rows.append(torch.stack(row, dim=-1))  # B×O×h×w×2 (column phase)
-    out = torch.stack(rows, dim=-3)  # B×O×h×2×w×2 (row phase, column phase)
-    return out.reshape(*out.shape[:2], 2 * h, 2 * w)
+            phase = F.conv2d(padded[:, :, start_y:start_y + h + n_y - 1, start_x:start_x + w + n_x - 1], phase_weight)
+            row.append(phase.permute(0, 2, 3, 1))  # B×h×w×O
+        rows.append(torch.stack(row, dim=3))  # B×h×w×2×O (column phase)
+    # Interleaved in channels-last order, B×h×2×w×2×O, so the result is NHWC: the convolution that
+    # consumes it runs without a layout copy.
+    out = torch.stack(rows, dim=2)
+    return out.reshape(out.shape[0], 2 * h, 2 * w, out.shape[-1]).permute(0, 3, 1, 2)
 
 
 class AffineParams(nn.Module):
@@ -200,7 +219,7 @@ class AffineParams(nn.Module):
     def forward(self, first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, t) from ``first`` = conv1(condition), which the coupling computes (see ``PyramidCoupling.first_conv``)."""
         hidden = F.leaky_relu(first, 0.01, inplace=True)
-        raw_s, t = self.conv2(hidden).chunk(2, dim=1)
+        raw_s, t = at_least_fp32(self.conv2(hidden)).chunk(2, dim=1)  # fp32 from here on (module docstring)
         return self.norm(soft_clamp(raw_s, self.clamp)), t
 
 
@@ -235,16 +254,19 @@ class InvConv1x1(nn.Module):
         upper = self.upper * self.lower_mask.T + torch.diag(self.sign * torch.exp(self.log_scale()))
         return self.permutation @ lower @ upper
 
+    # fp32 even under autocast (W and its products would otherwise be bf16): this is the invertible path.
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.matrix()[:, :, None, None])
+        with full_precision(x.device):
+            return F.conv2d(at_least_fp32(x), self.matrix()[:, :, None, None])
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        w_inv = torch.linalg.inv(self.matrix().double()).to(y.dtype)
-        return F.conv2d(y, w_inv[:, :, None, None])
+        with full_precision(y.device):
+            w_inv = torch.linalg.inv(self.matrix().double()).to(y.dtype)
+            return F.conv2d(y, w_inv[:, :, None, None])
 
     def log_det(self, pixels: int) -> torch.Tensor:
         """log|det| of the convolution on an image of ``pixels`` positions: pixels · Σ s̃."""
-        return pixels * self.log_scale().sum()
+        return pixels * self.log_scale().sum()  # fp32: no matrix product that autocast would lower
 
 
 class PyramidCoupling(nn.Module):
@@ -330,7 +352,7 @@ class PyramidFlow(Detector):
 
     def __init__(self, config: PyramidFlowConfig):
         super().__init__(config)
-        _check(config)
+        _check_options(config)
         if config.encoder == "none":
             self.channels, side = config.channels, config.image_size
             self.lift = nn.Conv2d(3, self.channels, 1, bias=False)
@@ -340,8 +362,9 @@ class PyramidFlow(Detector):
             self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         else:
             # Built with random weights; ``fit`` loads ImageNet's (a checkpoint brings its own).
-            self.encoder = ResNetFeatures(config.encoder, ("layer1",), pretrained=False).requires_grad_(False)
-            self.channels, side = self.encoder.channels[0], config.image_size // 4
+            self.encoder = Backbone(config.encoder, (config.encoder_stage,))
+            self.channels, side = self.encoder.channels[0], config.image_size // self.encoder.strides[0]
+        _check_levels(config, side, "image" if config.encoder == "none" else "feature")
         self.feature_size = side
         self.blocks = nn.ModuleList(PyramidCoupling(kind, start, self.channels, side, config)
                                     for kind, start in block_layout(config.levels, config.stacks))
@@ -361,7 +384,7 @@ class PyramidFlow(Detector):
     def unlift(self, features: torch.Tensor) -> torch.Tensor:
         """The least-squares inverse of the lift (exact: a 16×3 orthogonal matrix has a left inverse)."""
         if self.config.encoder != "none":
-            raise AdnbError("a ResNet encoder is not invertible; only the from-scratch lift can be undone")
+            raise AdnbError("a pretrained encoder is not invertible; only the from-scratch lift can be undone")
         a = self.lift.weight[:, :, 0, 0].double()  # C×3
         b, c, h, w = features.shape
         x = torch.linalg.lstsq(a, features.double().permute(1, 0, 2, 3).reshape(c, -1)).solution
@@ -380,8 +403,14 @@ class PyramidFlow(Detector):
         return levels
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Images in [0, 1] → the latent pyramid [z_0 (finest), …, z_{L−1}]."""
-        return self.flow(pyramid.build(self.features(images), self.config.levels, self.config.downsample))
+        """Images in [0, 1] → the latent pyramid [z_0 (finest), …, z_{L−1}] (fp32).
+
+        The pyramid is built in fp32; inside the flow only the (s, t) convolutions drop to
+        ``self.precision`` — the latents, scales, volume normalisation and log-determinants stay fp32.
+        """
+        levels = pyramid.build(self.features(images), self.config.levels, self.config.downsample)
+        with autocast(self.precision, images.device):
+            return self.flow(levels)
 
     def inverse(self, latents: list[torch.Tensor]) -> torch.Tensor:
         """Latent pyramid → images in [0, 1] (the from-scratch model only)."""
@@ -416,25 +445,18 @@ class PyramidFlow(Detector):
             amap = F.interpolate(amap[:, None], size=(self.image_size,) * 2, mode="bilinear", align_corners=False)[:, 0]
         return amap
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> Prediction:
         self.eval()
         amap = self.anomaly_map(self(images))
         return Prediction(amap.flatten(1).amax(1), amap)
 
-    def train(self, mode: bool = True) -> PyramidFlow:
-        super().train(mode)
-        if self.config.encoder != "none":
-            self.encoder.eval()  # frozen batch-norm statistics
-        return self
-
     def load_pretrained_encoder(self) -> dict[str, str]:
-        """ImageNet weights for the encoder when available (``adnb.weights``); which one ran."""
+        """The encoder's weights (``config.weights``; see ``adnb.backbones``) and where they came from."""
         if self.config.encoder == "none":
             return {}
-        pretrained = ResNetFeatures(self.config.encoder, ("layer1",), pretrained=True)
-        self.encoder.load_state_dict(pretrained.state_dict())
-        return {"encoder": f"{self.config.encoder}-{pretrained.source}"}
+        source = self.encoder.load_weights(self.config.weights)
+        return {"encoder": source.kind, "encoder_origin": source.origin or "random initialisation"}
 
     def log_dets(self, images: torch.Tensor) -> torch.Tensor:
         """log|det J| of every coupling block for each image (B × blocks), in the current mode."""
@@ -446,18 +468,21 @@ class PyramidFlow(Detector):
         return torch.stack(out, dim=1)
 
 
-def _check(config: PyramidFlowConfig) -> None:
-    for name, valid in (("volume_norm", VOLUME_NORMS), ("encoder", ENCODERS), ("template", TEMPLATES),
+def _check_options(config: PyramidFlowConfig) -> None:
+    for name, valid in (("volume_norm", VOLUME_NORMS), ("template", TEMPLATES), ("precision", PRECISIONS),
                         ("difference", DIFFERENCES), ("loss", LOSSES), ("downsample", pyramid.DOWNSAMPLING)):
         if getattr(config, name) not in valid:
             raise AdnbError(f"PyramidFlow {name}={getattr(config, name)!r} is not one of {', '.join(valid)}")
     if config.levels < 2:
-        raise AdnbError(f"PyramidFlow needs at least 2 pyramid levels (got levels={config.levels})")
-    side = config.image_size // (4 if config.encoder != "none" else 1)
-    if config.image_size % (4 if config.encoder != "none" else 1) or side % 2 ** (config.levels - 1):
+        raise AdnbError(f"PyramidFlow needs at least 2 pyramid levels (got levels={config.levels}; 0 means the official "
+                        "per-category choice, which resolve() makes)")
+
+
+def _check_levels(config: PyramidFlowConfig, side: float, what: str) -> None:
+    if side != int(side) or int(side) % 2 ** (config.levels - 1):
         raise AdnbError(f"image_size={config.image_size} does not give {config.levels} pyramid levels: the "
-                        f"{'feature' if config.encoder != 'none' else 'image'} side {side} must be divisible by "
-                        f"2^(levels−1) = {2 ** (config.levels - 1)}; choose a multiple of it or fewer levels")
+                        f"{what} side {side:g} must be divisible by 2^(levels−1) = {2 ** (config.levels - 1)}; "
+                        "choose a multiple of it or fewer levels")
 
 
 # --------------------------------------------------------------------------- training
@@ -471,8 +496,9 @@ def pair_differences(latents: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def fourier_loss(delta: torch.Tensor) -> torch.Tensor:
-    """mean |FFT2(Δ)| over the pairs and all frequencies (Δ: pairs × H × W)."""
-    return torch.fft.fft2(delta).abs().mean()
+    """mean |FFT2(Δ)| over the pairs and all frequencies (Δ: pairs × H × W), in fp32 (no bf16 FFTs)."""
+    with full_precision(delta.device):
+        return torch.fft.fft2(at_least_fp32(delta)).abs().mean()
 
 
 def training_loss(latents: list[torch.Tensor], config: PyramidFlowConfig) -> torch.Tensor:
@@ -498,8 +524,8 @@ def flips_and_rotations(images: torch.Tensor, generator: torch.Generator) -> tor
 def fit(config: PyramidFlowConfig, images: torch.Tensor, *, device: torch.device | str = "cpu",
         cache: CacheEntry | None = None, force_train: bool = False) -> PyramidFlow:
     """Train on ``images`` (N×3×S×S in [0, 1]) for ``config.epochs``, then fit the template."""
-    torch.manual_seed(config.seed)
-    detector = PyramidFlow(config)
+    with seeded(config.seed):
+        detector = PyramidFlow(config)
     if detector.restore(cache, force_train):
         return detector.to(device).eval()
     if len(images) < config.batch_size:
@@ -510,6 +536,7 @@ def fit(config: PyramidFlowConfig, images: torch.Tensor, *, device: torch.device
     images = images.to(device)
     trainable = [p for p in detector.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=config.lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY)
+    scaler = grad_scaler(detector.precision, device)
 
     def run_epoch(epoch: int) -> dict[str, float]:
         start = time.perf_counter()
@@ -522,11 +549,9 @@ def fit(config: PyramidFlowConfig, images: torch.Tensor, *, device: torch.device
             if config.augment:
                 batch = flips_and_rotations(batch, generator)
             loss = training_loss(detector(batch), config)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(trainable, GRAD_CLIP)
-            optimizer.step()
-            losses.append(loss.item())
+            optimiser_step(loss, optimizer, scaler, clip=GRAD_CLIP, parameters=trainable)
+            losses.append(loss.detach())
+        losses = torch.stack(losses).tolist()  # one synchronisation per epoch, not per step
         if not all(math.isfinite(v) for v in losses):
             raise AdnbError(f"PyramidFlow training diverged in epoch {epoch + 1} (loss {losses[-1]}); "
                             "lower lr or keep volume normalisation on")
@@ -537,5 +562,27 @@ def fit(config: PyramidFlowConfig, images: torch.Tensor, *, device: torch.device
     start = time.perf_counter()
     detector.fit_template(images)
     seconds = sum(h["seconds"] for h in history) + time.perf_counter() - start
-    detector.store(cache, seconds, weights=weights, history=history)
+    detector.store(cache, seconds, weights=weights, history=history, precision=detector.precision)
     return detector.eval()
+
+
+# --------------------------------------------------------------------------- the recipe's hooks
+
+
+def resolve(params: Mapping[str, Any], category: Category | None = None) -> PyramidFlowConfig:
+    """The config for ``category``: ``levels: 0`` and ``volume_norm: "auto"`` take the official
+    per-category choices, flips and rotations go to the ``texture_categories``, and an encoder's
+    weights are resolved (so the cache key names what runs)."""
+    official = official_choices(category.name if category else "")
+    config = config_from(PyramidFlowConfig, {**params, "levels": int(params.get("levels") or official["levels"])})
+    if config.volume_norm == "auto":
+        config = replace(config, volume_norm=official["volume_norm"])
+    if category is not None and "texture_categories" in params:
+        config = replace(config, augment=category.name in params["texture_categories"])
+    weights = "none" if config.encoder == "none" else resolve_weights(config.encoder, config.weights)
+    return replace(config, weights=weights)
+
+
+def variant(config: PyramidFlowConfig) -> str:
+    """The pre-trained variant is its own row in a comparison; the from-scratch model is the method."""
+    return "" if config.encoder == "none" else "pretrained"

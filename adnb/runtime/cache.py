@@ -31,7 +31,7 @@ from adnb.runtime import paths
 from adnb.runtime.errors import TrainingInterrupted
 from adnb.runtime.progress import progress
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: ImageNet backbones, explicit generators, FAIR_noDTD augmenters
 
 
 class Stateful(Protocol):
@@ -70,6 +70,11 @@ class CacheEntry:
     def __init__(self, folder: Path, spec: Mapping[str, Any]):
         self.folder = Path(folder)
         self.spec = _jsonable(spec)
+
+    def stage(self, name: str, config: Any) -> CacheEntry:
+        """The entry of another trained part of the same method on the same data (e.g. D3AD's
+        autoencoder), keyed by ``config`` (the options that part depends on), in the same cache."""
+        return entry(self.spec["method"], config, self.spec["data"], root=self.folder.parent.parent, stage=name)
 
     @property
     def weights_path(self) -> Path:
@@ -125,6 +130,19 @@ def entry(method: str, config: Any, data_fingerprint: str, root: Path | str | No
     return CacheEntry(root / method / f"{stage}-{config_key(spec)}", spec)
 
 
+class GeneratorState:
+    """Lets ``train_loop`` checkpoint a ``torch.Generator``, so a resumed run draws the same batches."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["state"])
+
+
 def train_loop(
     epochs: int,
     run_epoch: Callable[[int], Mapping[str, float]],
@@ -135,8 +153,9 @@ def train_loop(
     """Run ``run_epoch(epoch)`` for ``epochs`` epochs, checkpointing after each one.
 
     ``state`` names everything that must survive an interruption (models, optimisers,
-    schedulers). If ``checkpoint`` holds a half-finished run, training resumes after its last
-    epoch with the same RNG state. Returns one dict of logged values per epoch.
+    schedulers, and the training's ``torch.Generator`` wrapped in ``GeneratorState``). If
+    ``checkpoint`` holds a half-finished run, training resumes after its last epoch with the same
+    random state. Returns one dict of logged values per epoch.
     """
     start, history = 0, []
     saved = checkpoint.load_checkpoint() if checkpoint else None
@@ -161,3 +180,25 @@ def train_loop(
         raise TrainingInterrupted(f"{desc} was interrupted during epoch {epoch + 1}/{epochs}; {where}. "
                                   "Run the same cell again to resume.") from None
     return history
+
+
+def cached_training(entry: CacheEntry | None, module: torch.nn.Module, train: Callable[[CacheEntry | None], Mapping[str, Any] | None],
+                    force_train: bool = False) -> dict[str, Any]:
+    """Load ``module``'s trained weights from ``entry``, or run ``train(entry)`` and store them there.
+
+    ``train`` trains ``module`` in place (checkpointing into the entry it is given, to resume) and
+    returns facts to keep (a loss history, say). Returns those facts with ``train_seconds``: the
+    stored ones when loaded, so a reloaded part reports how long it once took to train.
+    """
+    if entry is not None and force_train:
+        entry.clear()
+    if entry is not None and entry.exists():
+        state, sidecar = entry.load()
+        module.load_state_dict(state)
+        return dict(sidecar["info"])
+    start = time.perf_counter()
+    info = {**(train(entry) or {})}
+    info = {"train_seconds": time.perf_counter() - start, **info}
+    if entry is not None:
+        entry.save(module.state_dict(), {"info": info})
+    return info

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -62,6 +63,27 @@ def notebook_parameters(notebook: Path) -> dict[str, dict[str, Any]]:
     import papermill
 
     return dict(papermill.inspect_notebook(str(notebook)))
+
+
+def notebook_defaults(chapter: str | Path) -> dict[str, Any]:
+    """The default value of every parameter of a chapter's ``parameters`` cell (literals only)."""
+    import ast
+
+    out = {}
+    for name, spec in notebook_parameters(find_notebook(chapter)).items():
+        try:
+            out[name] = ast.literal_eval(spec["default"])
+        except (ValueError, SyntaxError):
+            raise AdnbError(f"the default of parameter {name} in {chapter}'s notebook is not a literal "
+                            f"({spec['default']!r}); parameters cells hold plain values") from None
+    return out
+
+
+def chapter_parameters(chapter: str, namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """The values of a chapter's parameters in ``namespace`` (a notebook's ``globals()``): what the
+    chapter runs with, papermill's injections included — the same mapping ``adnb.recipe.parameters``
+    builds for the command line."""
+    return {name: namespace[name] for name in notebook_parameters(find_notebook(chapter)) if name in namespace}
 
 
 def parse_value(text: str) -> Any:
@@ -182,7 +204,15 @@ def toc_chapters(toc: Path | None = None) -> list[tuple[Path, Path]]:
 
 
 def build(preset: str = "cpu", keep_going: bool = False) -> list[RunResult]:
-    """Execute every chapter of ``_toc.yml`` at ``preset`` into the book tree, in order."""
+    """Execute every chapter of ``_toc.yml`` at ``preset`` into the book tree, in order.
+
+    The book's records of this preset are its own output: older ones (another configuration, an
+    earlier version) are removed first, so the benchmark compares only what this build produced.
+    Trained weights stay cached; rewriting a record costs an evaluation, not a training.
+    """
+    stale = paths.results_dir() / preset / "embedded"
+    if stale.is_dir():
+        shutil.rmtree(stale)
     results, failures = [], []
     for source, executed in toc_chapters():
         print(f"[{preset}] {source.name} ...", flush=True)

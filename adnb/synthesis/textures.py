@@ -19,8 +19,10 @@ from adnb.synthesis.perlin import perlin_noise
 class TextureSource:
     """Anomaly-source textures; ``sample`` returns (n, 3, H, W) in [0, 1] on the requested device."""
 
-    def __init__(self, kind: str, size: int, *, files: list[Path] | None = None, images: torch.Tensor | None = None):
+    def __init__(self, kind: str, size: int, *, files: list[Path] | None = None, images: torch.Tensor | None = None,
+                 hue_and_dropout: bool = False):
         self.kind, self.size = kind, size
+        self.hue_and_dropout = hue_and_dropout  # FAIR_noDTD's two extra augmenters (``draem_augment``)
         self._files, self._images = files or [], images
         self._decoded: OrderedDict[Path, torch.Tensor] = OrderedDict()
 
@@ -36,11 +38,15 @@ class TextureSource:
         return cls("folder", size, files=files)
 
     @classmethod
-    def from_images(cls, images: torch.Tensor) -> TextureSource:
-        """Textures taken from ``images`` (N, 3, H, W), uint8 or float in [0, 1]."""
+    def from_images(cls, images: torch.Tensor, *, hue_and_dropout: bool = False) -> TextureSource:
+        """Textures taken from ``images`` (N, 3, H, W), uint8 or float in [0, 1].
+
+        ``hue_and_dropout=True`` adds the two augmenters of FAIR's noDTD loader, a hue rotation and a
+        channel dropout, to DRAEM's ten (see ``adnb.synthesis.augment``).
+        """
         if images.dtype == torch.uint8:
             images = images.float() / 255
-        return cls("images", images.shape[-1], images=images.cpu())
+        return cls("images", images.shape[-1], images=images.cpu(), hue_and_dropout=hue_and_dropout)
 
     @classmethod
     def procedural(cls, size: int = 256) -> TextureSource:
@@ -76,5 +82,5 @@ class TextureSource:
             if out.shape[-2:] != (h, w):
                 out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
         if augment:
-            out = draem_augment(out, generator=generator)
+            out = draem_augment(out, generator=generator, hue_and_dropout=self.hue_and_dropout)
         return out.to(device or "cpu")
