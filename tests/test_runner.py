@@ -116,3 +116,12 @@ def test_every_preset_file_names_real_parameters(notebook, preset):
     assert path.is_file(), f"missing preset file {path}"
     runner.check_parameters(notebook, presets.load_preset(preset, notebook))
     assert (yaml.safe_load(path.read_text()) or {}).get("preset", preset) == preset
+
+
+def test_relative_folders_mean_the_callers_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    given = runner._callers_paths({"data_root": "../data/mvtec_ad", "texture_dir": "~/dtd", "category": "bottle",
+                                   "dtd_root": ""})
+    assert given["data_root"] == str(tmp_path.parent / "data" / "mvtec_ad")  # the name (mvtec_ad) kept as typed
+    assert given["texture_dir"] == str(Path.home() / "dtd")
+    assert given["category"] == "bottle" and given["dtd_root"] == ""  # not folders, or not given

@@ -141,6 +141,18 @@ def finalize(output: Path) -> None:
     nbformat.write(nb, output)
 
 
+PATH_SUFFIXES = ("_root", "_dir")  # parameters named so are folders
+
+
+def _callers_paths(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """``parameters`` with relative folders made absolute: the chapter runs in its own folder, but a
+    path the caller typed means the caller's working folder (the folder's name, part of a dataset's
+    identity, is kept as given)."""
+    return {key: os.path.abspath(os.path.expanduser(value))
+            if key.endswith(PATH_SUFFIXES) and isinstance(value, str) and value else value
+            for key, value in parameters.items()}
+
+
 def run_notebook(notebook: str | Path, *, preset: str = "cpu", parameters: Mapping[str, Any] | None = None,
                  output: str | Path | None = None, timeout: int | None = None) -> RunResult:
     """Execute ``notebook`` with papermill at ``preset`` (plus ``parameters``) into ``output``."""
@@ -148,7 +160,7 @@ def run_notebook(notebook: str | Path, *, preset: str = "cpu", parameters: Mappi
     from papermill.exceptions import PapermillExecutionError
 
     source = find_notebook(notebook)
-    values = {**load_preset(preset, source), **(parameters or {})}
+    values = {**load_preset(preset, source), **_callers_paths(parameters or {})}
     check_parameters(source, values)
     output = Path(output) if output else paths.home() / "runs" / preset / source.name
     output.parent.mkdir(parents=True, exist_ok=True)
