@@ -128,9 +128,11 @@ def result_record(detector: Detector, category: Category, evaluation: Evaluation
                   **extra: Any) -> dict[str, Any]:
     """The results record of one trained detector on one category (see the contract).
 
-    Training time, weight sources and the checkpoint come from the detector itself (set by
-    ``Detector.store``/``restore``); ``extra`` adds fields such as ``peak_memory_mb`` or ``variant``.
+    Training time (per stage, for methods trained in stages), weight sources and the checkpoint come
+    from the detector itself (set by ``Detector.store``/``restore``), so a chapter's record and the
+    CLI's are the same; ``extra`` adds fields such as ``peak_memory_mb`` or ``variant``.
     """
+    stages = getattr(detector, "fit_info", {}).get("stage_seconds")
     return make_record(
         method=detector.method, dataset=category.dataset, category=category.name, preset=preset,
         device=describe(detector.device), image_size=detector.image_size, metrics=evaluation.metrics,
@@ -138,4 +140,5 @@ def result_record(detector: Detector, category: Category, evaluation: Evaluation
         n_params=detector.n_params(), weights=detector.weights or {"all": "trained-here"},
         checkpoint=detector.checkpoint, config_hash=config_hash, precision=detector.precision,
         eval_resolution=evaluation.resolution,
-        metrics_precision=evaluation.precision, n_test=len(evaluation.labels), **extra)
+        metrics_precision=evaluation.precision, n_test=len(evaluation.labels),
+        **({"stage_seconds": stages} if stages else {}), **extra)
