@@ -50,6 +50,7 @@ from adnb.runtime.timing import Measure
 METHOD_CHAPTER = {"baseline": "data", "knn": "benchmark"}
 DEFAULT_HOLDOUT = 0.1  # share of train/good kept out of training to calibrate the scores (at most MAX_HOLDOUT images)
 MAX_HOLDOUT = 20
+VARIANT_SUFFIX = "_variant"  # a parameter named so holds one named variant's changed parameters (see Recipe.variants)
 
 
 @dataclass
@@ -121,6 +122,13 @@ class Recipe:
         """The same recipe with some parameters changed (a variant: ``recipe.with_params(encoder=...)``
         trains what ``python -m adnb train … -p encoder …`` trains)."""
         return Recipe(self.method, {**self.params, **changes}, device=self.device)
+
+    def variants(self) -> dict[str, Recipe]:
+        """The named variants a chapter trains beside its main model, as recipes: each parameter
+        ``<name>_variant`` holds the parameters in which variant ``<name>`` differs (PyramidFlow's
+        ``pretrained_variant``). ``train-all`` plans them as jobs of their own, so the book loads them."""
+        return {key.removesuffix(VARIANT_SUFFIX): self.with_params(**value)
+                for key, value in self.params.items() if key.endswith(VARIANT_SUFFIX) and value}
 
     # --- the settings of the recipe itself
 

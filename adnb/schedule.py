@@ -4,7 +4,8 @@ The book loads trained weights from its cache (``adnb.runtime.cache``) instead o
 every method trains through one ``Recipe`` under one cache key, so a rebuild can be spread out:
 train every job anywhere, bring the weights home, then ``make book`` retrains nothing.
 
-- **Planning** (``plan``): one job per (method, category). This machine asks the recipe which cache
+- **Planning** (``plan``): one job per (method, category), and one per named variant a chapter
+  trains beside its main model (``Recipe.variants``). This machine asks the recipe which cache
   entry the job would train into (``Recipe.cache_entry``) and skips jobs whose entry exists. A
   method's ``prepare`` may itself train something shared by several jobs (RealNet's SDAS model is
   trained once for a whole dataset): planning runs ``prepare`` with cache misses turned into a
@@ -65,15 +66,21 @@ class Job:
     dataset: str = "embedded"  # for messages and log names only
     data_root: str = ""  # "" is the embedded dataset, which every worker generates for itself
     overrides: tuple[tuple[str, Any], ...] = ()  # the parameters changed from the preset (hashable)
+    variant: str = ""  # a named variant the method's chapter trains too (``Recipe.variants``)
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}-{self.variant}" if self.variant else self.method
 
     @property
     def name(self) -> str:
-        return f"{self.method} on {self.dataset}/{self.category}"
+        return f"{self.label} on {self.dataset}/{self.category}"
 
     def recipe(self, device: str = "auto") -> Any:
         from adnb.recipe import Recipe
 
-        return Recipe.from_preset(self.method, self.preset, dict(self.overrides), device=device)
+        recipe = Recipe.from_preset(self.method, self.preset, dict(self.overrides), device=device)
+        return recipe.variants()[self.variant] if self.variant else recipe
 
     def open(self, recipe: Any) -> Any:
         """The job's category, opened as a chapter opens it (so the cache key is the chapter's)."""
@@ -126,7 +133,8 @@ def check_request(methods: Sequence[str], preset: str) -> None:
 
 def plan(methods: Sequence[str], preset: str, *, data_root: str = "", categories: Sequence[str] | None = None,
          overrides: Mapping[str, Any] | None = None) -> list[Planned]:
-    """One planned job per (method, category), in that order, each marked trained or not (see the module docstring)."""
+    """One planned job per (method, category) and per named variant of the method's chapter
+    (``Recipe.variants``), in that order, each marked trained or not (see the module docstring)."""
     from adnb.runtime.notebook import open_categories
 
     check_request(methods, preset)
@@ -143,11 +151,13 @@ def plan(methods: Sequence[str], preset: str, *, data_root: str = "", categories
         if missing:
             raise AdnbError(f"no category {', '.join(missing)} in {data_root or 'the embedded dataset'}; "
                             f"categories: {', '.join(names)}")
+        versions = [("", recipe), *recipe.variants().items()]  # the chapter's named variants are jobs too
         for category in every:
             if categories and category.name not in categories:
                 continue
-            job = Job(method, preset, category.name, category.dataset, data_root, tuple(changes.items()))
-            planned.append(_probe(job, recipe, category))
+            for variant, version in versions:
+                job = Job(method, preset, category.name, category.dataset, data_root, tuple(changes.items()), variant)
+                planned.append(_probe(job, version, category))
     return planned
 
 
@@ -663,7 +673,7 @@ def _moved_record(record: Mapping[str, Any], worker_cache: str) -> dict[str, Any
 
 
 def _write_log(job: Job, text: str) -> Path:
-    path = paths.home() / "logs" / "train-all" / job.preset / f"{job.method}-{job.dataset}-{job.category}.log"
+    path = paths.home() / "logs" / "train-all" / job.preset / f"{job.label}-{job.dataset}-{job.category}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path

@@ -117,3 +117,11 @@ def test_cli_train_writes_a_record_with_the_recipes_hash(tmp_path, monkeypatch):
     washer = open_categories(str(default_dataset()), "washer")[0]
     assert record["config_hash"] == recipe.config_hash(recipe.config(washer), Prepared())
     assert record["config_hash"][:12] in Path(out.stdout.split("record: ")[1].split()[0]).name
+
+
+def test_named_variants_are_the_recipe_with_their_parameters_changed():
+    recipe = Recipe.from_preset("pyramidflow", "cpu", device="cpu")
+    [(name, variant)] = recipe.variants().items()
+    assert name == "pretrained" and variant.params == {**recipe.params, **recipe.params["pretrained_variant"]}
+    assert Recipe.from_preset("fair", "cpu", device="cpu").variants() == {}
+    assert recipe.with_params(pretrained_variant={}).variants() == {}  # an empty variant is none

@@ -67,13 +67,15 @@ def assert_book_loads(report: schedule.Report) -> None:
     """What the chapters do (a ``Recipe`` of the chapter's parameters at the preset) finds every trained
     model in the cache, loads it and reports the training time train-all measured; nothing is saved."""
     before = weights_mtimes(paths.home())
-    records = {(r["method"], r["category"]): r for r in map(json.loads, (p.read_text() for p in report.records))}
+    records = {(r["method"], r.get("variant", ""), r["category"]): r
+               for r in map(json.loads, (p.read_text() for p in report.records))}
     for p in report.trained:
         recipe = Recipe.from_preset(p.job.method, p.job.preset, device="cpu")
+        recipe = recipe.variants()[p.job.variant] if p.job.variant else recipe
         [category] = open_categories("", p.job.category)
         assert recipe.is_trained(category), p.job.name
         trained = recipe.train(category)
-        record = records[p.job.method, p.job.category]
+        record = records[p.job.method, p.job.variant, p.job.category]
         assert trained.detector.train_seconds == pytest.approx(record["train_seconds"]), p.job.name
         assert Path(record["checkpoint"]) == trained.detector.checkpoint
         assert str(trained.detector.checkpoint).startswith(str(paths.cache_dir()))
@@ -111,6 +113,19 @@ def test_plan_skips_jobs_whose_weights_are_cached(home):
     again = schedule.plan(["baseline"], "ci", categories=CATEGORIES)
     assert [(p.job.category, p.trained) for p in again] == [("capsule", True), ("stone", False)]
     assert again[0].entry == schedule.relative(trained.detector.checkpoint.parent)
+
+
+def test_a_chapters_named_variant_is_a_job_of_its_own(home):
+    """PyramidFlow's chapter trains a pre-trained variant beside the from-scratch model: train-all plans
+    both, into the entries the chapter's recipes use."""
+    planned = schedule.plan(["pyramidflow"], "ci", categories=["capsule"])
+    assert [p.job.name for p in planned] == ["pyramidflow on embedded/capsule",
+                                             "pyramidflow-pretrained on embedded/capsule"]
+    chapter = Recipe.from_preset("pyramidflow", "ci", device="cpu")
+    in_chapter = chapter.with_params(**chapter.params["pretrained_variant"])  # what chapter 03 trains
+    [capsule] = open_categories("", "capsule")
+    assert planned[1].entry == schedule.relative(in_chapter.cache_entry(capsule).folder) != planned[0].entry
+    assert planned[1].job.recipe(device="cpu").params == in_chapter.params
 
 
 def test_planning_never_trains_a_shared_preparation(home):
