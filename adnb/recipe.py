@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from adnb.data.layout import Category, Split, split_holdout
+from adnb.data.layout import Category, Split, split_holdout, stratified_subset
 from adnb.evaluation import Evaluation, evaluate, result_record
 from adnb.methods.base import Detector, Prepared, config_from, detector_class
 from adnb.runtime import cache
@@ -187,6 +187,12 @@ class Recipe:
             return split, None
         return _rows_of(split, keep), _rows_of(split, held)
 
+    def n_train(self, category: Category) -> int:
+        """How many of ``category``'s images ``training_data`` trains on, counted from the file list (no image
+        is read: planning asks this of every job)."""
+        n_images = len(stratified_subset(category.train, self.max_train, self.seed))
+        return n_images - holdout_count(n_images, self.holdout_share)
+
     def config_hash(self, config: Any, prepared: Prepared) -> str:
         """A hash of everything that makes this record what it is: config, prepared inputs, data subset,
         calibration hold-out and evaluation settings (not the device or the machine)."""
@@ -195,15 +201,14 @@ class Recipe:
                                            "resize": self.resize, "seed": self.seed},
                                  "eval": {"resolution": self.eval_resolution, "max_test": self.max_test}})
 
-    def cache_entry(self, category: Category, *, config: Any = None, prepared: Prepared | None = None,
-                    n_train: int | None = None) -> cache.CacheEntry:
+    def cache_entry(self, category: Category, *, config: Any = None, prepared: Prepared | None = None
+                    ) -> cache.CacheEntry:
         """The cache entry ``train`` loads from or trains into on ``category`` (``train-all`` asks it which
         jobs are done). Without ``prepared`` it runs ``prepare``, which may train (RealNet's SDAS)."""
         config = self.config(category) if config is None else config
         prepared = self.prepare(config, category) if prepared is None else prepared
-        n_train = len(self.training_data(config, category)[0]) if n_train is None else n_train
-        data_key = "|".join(filter(None, (category.fingerprint(), f"train={n_train}/{self.resize}/{self.seed}",
-                                          prepared.key)))
+        data_key = "|".join(filter(None, (category.fingerprint(),
+                                          f"train={self.n_train(category)}/{self.resize}/{self.seed}", prepared.key)))
         return cache.entry(self.method, config, data_key)
 
     def is_trained(self, category: Category, *, config: Any = None) -> bool:
@@ -215,7 +220,7 @@ class Recipe:
         config = self.config(category) if config is None else config
         prepared = self.prepare(config, category, force_train=force_train)
         train, held = self.training_data(config, category)
-        entry = self.cache_entry(category, config=config, prepared=prepared, n_train=len(train))
+        entry = self.cache_entry(category, config=config, prepared=prepared)
         with Measure(self.device) as measured:
             detector = self.module.fit(config, train.float_images(), device=self.device, cache=entry,
                                        force_train=force_train, **prepared.extras)

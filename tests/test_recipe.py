@@ -125,3 +125,15 @@ def test_named_variants_are_the_recipe_with_their_parameters_changed():
     assert name == "pretrained" and variant.params == {**recipe.params, **recipe.params["pretrained_variant"]}
     assert Recipe.from_preset("fair", "cpu", device="cpu").variants() == {}
     assert recipe.with_params(pretrained_variant={}).variants() == {}  # an empty variant is none
+
+
+@pytest.mark.parametrize("max_train", [0, 7])
+def test_the_cache_entry_counts_the_training_images_without_reading_them(max_train, tmp_path, monkeypatch):
+    monkeypatch.setenv("ADNB_HOME", str(tmp_path))
+    recipe = Recipe.from_preset("baseline", "ci", {"max_train": max_train}, device="cpu")
+    [washer] = open_categories(str(default_dataset()), "washer")
+    config = recipe.config(washer)
+    train, held = recipe.training_data(config, washer)
+    assert recipe.n_train(washer) == len(train) and held is not None
+    monkeypatch.setattr(type(washer), "load", lambda *a, **k: pytest.fail("an image was read"))
+    assert recipe.cache_entry(washer, config=config, prepared=Prepared()).folder.parent.name == "baseline"
