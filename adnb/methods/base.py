@@ -14,11 +14,11 @@ Everything a trained detector needs lives in its ``state_dict`` (tensors only), 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 import importlib
 import json
-from pathlib import Path
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
