@@ -4,12 +4,16 @@ A benchmark, not a test: it times, it never judges. For one method at one config
 
 1. builds the detector from the method's config (its defaults, a preset's values, ``-p``
    overrides) with random weights — speed does not depend on what the weights are;
-2. times training steps after warm-up: each step is the method's own loss on one batch and one
-   optimiser update (what ``fit`` repeats), at the requested precision;
+2. times training steps after warm-up: the step is the method's own (its ``MethodSpec.training``,
+   ``adnb.runtime.training``): built as ``fit`` builds it, with everything ``fit`` computes before
+   its loop, one loss on a batch and one optimiser update — the very step ``fit`` repeats —, at the
+   requested precision;
 3. times ``predict`` at batch 1 and 8 on images already decoded in memory (the model's work only),
    ``infer_images`` images at each batch size (64: 64 calls at batch 1, 8 at batch 8);
 4. reports the median seconds per step and per batch (the machine is shared: medians resist the
-   odd slow run), images per second, and peak memory per phase.
+   odd slow run), images per second, and peak memory per phase;
+5. counts the step's and a batch-1 prediction's FLOPs (``adnb.runtime.flops``: convolutions and
+   matrix products) and, on a CPU, the share of its peak at the step's precision they ran at.
 
 Peak memory is what the device can tell honestly: on CUDA ``torch.cuda.max_memory_allocated``
 (tensors only, allocator caches excluded); on a CPU the process's peak resident set size during
@@ -33,13 +37,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from adnb.methods.base import Detector, detector_class
+from adnb.methods.base import Detector, config_from
+from adnb.methods.registry import spec
 from adnb.runtime.device import get_device
 from adnb.runtime.errors import AdnbError
-from adnb.runtime.precision import autocast, cpu_flags, grad_scaler, native_bf16, optimiser_step, resolve_precision
+from adnb.runtime.flops import count_flops, peak
+from adnb.runtime.precision import autocast, cpu_flags, native_bf16, resolve_precision
 from adnb.runtime.timing import Measure
+from adnb.runtime.training import Training
 
 INFER_BATCHES = (1, 8)
 N_IMAGES = 32  # synthetic images: enough for D3AD's k = 20 nearest neighbours and a batch of 16
@@ -50,18 +56,6 @@ MEMORY_MEASURES = {  # adnb.runtime.timing.Measure's kinds, as the record explai
                    "allocator caches, Python and libraries",
     "process RSS since start": "peak resident set size of the process since it started (this system cannot reset it)"}
 CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
-
-
-@dataclasses.dataclass
-class Workload:
-    """What one training step of a method is, for the timer."""
-
-    detector: Detector
-    loss: Callable[[torch.Tensor], torch.Tensor]  # the method's training loss on the images at these indices
-    optimiser: torch.optim.Optimizer
-    parameters: list[nn.Parameter]  # what the optimiser updates (for gradient clipping)
-    clip: float | None = None  # the method's gradient-norm clip, if it has one
-    what: str = ""  # the step in words, for the record
 
 
 @dataclasses.dataclass
@@ -88,6 +82,11 @@ class BenchResult:
     peak_memory_infer_mb: float
     memory_measure: str
     setup_seconds: float
+    train_gflop_per_step: float  # convolutions and matrix products, forward and backward (adnb.runtime.flops)
+    infer_gflop_per_image: float
+    peak: dict[str, Any] | None  # the CPU's peak GFLOP/s at this precision and how it was computed; None on a GPU
+    train_peak_fraction: float | None  # GFLOP/s of the median step over the peak
+    infer_peak_fraction_bs1: float | None
     torch_version: str = torch.__version__
 
     def json(self) -> str:
@@ -115,77 +114,6 @@ def folder_images(folder: str | Path, size: int, n: int = N_IMAGES) -> torch.Ten
     images = torch.stack([torch.from_numpy(resize_image(read_image(p), size)).permute(2, 0, 1) for p in paths])
     images = images.float().div_(255)
     return images.repeat(-(-n // len(images)), 1, 1, 1)[:max(n, len(images))]
-
-
-# --- what a training step is, per method -----------------------------------------------------
-
-def _fair(detector: Detector, images: torch.Tensor, generator: torch.Generator) -> Workload:
-    from adnb.methods import fair
-
-    textures = fair.texture_source(detector.config, images.cpu())
-    return Workload(detector, lambda idx: fair.training_loss(detector, images[idx], textures, generator=generator),
-                    fair.optimiser(detector), list(detector.parameters()),
-                    what="corrupt, restore, L2 + (1 - SSIM); Adam")
-
-
-def _pyramidflow(detector: Detector, images: torch.Tensor, generator: torch.Generator) -> Workload:
-    from adnb.methods import pyramidflow as pf
-
-    trainable = [p for p in detector.parameters() if p.requires_grad]
-    adam = torch.optim.Adam(trainable, lr=detector.config.lr, betas=pf.ADAM_BETAS, eps=pf.ADAM_EPS,
-                            weight_decay=pf.WEIGHT_DECAY)
-    return Workload(detector, lambda idx: pf.training_loss(detector(images[idx]), detector.config), adam, trainable,
-                    clip=pf.GRAD_CLIP, what="flow of the batch, Fourier loss of every pair's latent difference; "
-                                            "Adam, gradient clipping")
-
-
-def _d3ad(detector: Detector, images: torch.Tensor, generator: torch.Generator) -> Workload:
-    from adnb.diffusion import epsilon_loss
-    from adnb.methods import d3ad
-
-    config = detector.config
-    detector.fit_knn(images)  # predict places each image among these (kNN bank and distance bins)
-    unet = detector.denoiser
-    adamw = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-
-    def loss(idx: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            z0 = detector.encode(images[idx])
-        return epsilon_loss(unet, detector.schedule, d3ad.random_crop(z0, config.unet_crop, generator),
-                            t_max=config.train_t_max, generator=generator)
-
-    return Workload(detector, loss, adamw, list(unet.parameters()),
-                    what="denoiser: epsilon-prediction MSE on the batch's latents (encoding included); AdamW. "
-                         "The autoencoder and domain-adaptation stages are not timed")
-
-
-def _realnet(detector: Detector, images: torch.Tensor, generator: torch.Generator) -> Workload:
-    from adnb.methods import realnet
-    from adnb.synthesis import TextureSource
-
-    config = detector.config
-    for i, (channels, k) in enumerate(zip(detector.backbone.channels, config.planes)):  # as fit's afs="random"
-        getattr(detector, f"index{i}").copy_(torch.randperm(channels, generator=generator)[:k].sort().values)
-    source = TextureSource.from_images(images.cpu())
-    clean = [torch.cat(parts) for parts in zip(*(detector.extract(b) for b in images.split(16)))]  # fit computes them once
-    trainable = [p for p in detector.parameters() if p.requires_grad]
-    adam = torch.optim.Adam(trainable, lr=config.lr, betas=(0.9, 0.999))
-
-    def loss(idx: torch.Tensor) -> torch.Tensor:
-        k = (len(idx) + 1) // 2  # half synthetic anomalies, half normal images, as fit
-        anomalous, masks = realnet.synthesize(images[idx[:k]], source, config.source, generator=generator)
-        target = [f[idx] for f in clean]
-        features = [torch.cat([fa, f[k:]]) for fa, f in zip(detector.extract(anomalous), target)]
-        masks = torch.cat([masks, masks.new_zeros(len(idx) - k, *masks.shape[1:])])
-        return realnet.realnet_loss(detector.head(features, images.shape[-2:]), masks, target)["loss"]
-
-    return Workload(detector, loss, adam, trainable,
-                    what="SIA anomalies on half the batch, features of those, reconstruction + segmentation loss; "
-                         "Adam. AFS and SDAS are not timed")
-
-
-WORKLOADS: dict[str, Callable[[Detector, torch.Tensor, torch.Generator], Workload]] = {
-    "fair": _fair, "pyramidflow": _pyramidflow, "d3ad": _d3ad, "realnet": _realnet}
 
 
 # --- the machine -----------------------------------------------------------------------------
@@ -227,37 +155,46 @@ def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> list
 
 
 def build_config(method: str, params: Mapping[str, Any], *, size: int | None, batch: int | None) -> Any:
-    """The method's config: its defaults, then ``params`` (names that are not fields are ignored), then
-    ``size`` and ``batch``."""
-    config_class = detector_class(method).config_class
-    fields = {f.name for f in dataclasses.fields(config_class)}
-    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in params.items() if k in fields}
-    if size is not None:
-        values["image_size"] = size
-    if batch is not None:
-        values["batch_size"] = batch
-    return config_class(**values)
+    """The method's config: its defaults, then ``params`` (resolved as the recipe resolves them, "auto"
+    choices made), then ``size`` and ``batch``.
+
+    ``params`` are the method's chapter parameters (a preset's values, ``-p`` overrides): a key the
+    chapter does not have is an error naming the valid ones (``adnb.recipe.check_overrides``); of the
+    others, those that are not config fields (data subsets, ablations) do not enter a timing."""
+    from adnb.recipe import check_overrides
+
+    check_overrides(method, params)
+    method_spec = spec(method)
+    config = method_spec.resolve(params, None) if method_spec.resolve else config_from(method_spec.config_class, params)
+    changes = {"image_size": size, "batch_size": batch}
+    return dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
 
 
-def time_training(workload: Workload, n_images: int, batch: int, *, outer: str, scaler: torch.amp.GradScaler,
-                  device: torch.device, warmup: int, steps: int,
+def time_training(training: Training, batch: int, *, outer: str, device: torch.device, warmup: int, steps: int,
                   generator: torch.Generator) -> tuple[list[float], Measure]:
     """Seconds of each of ``steps`` training steps after ``warmup`` untimed ones, and the phase's memory.
 
-    A step draws ``batch`` of the ``n_images`` at random, computes the loss under ``outer`` precision
-    (fp32 where the method applies its own) and updates; the first steps pay for kernel selection.
+    A step draws ``batch`` of the training images at random and runs the method's ``step`` under
+    ``outer`` precision (fp32 where the method applies its own); the first steps pay for kernel selection.
     """
     def step() -> None:
-        idx = torch.randint(n_images, (batch,), generator=generator).to(device)
+        idx = torch.randint(training.n_images, (batch,), generator=generator).to(device)
         with autocast(outer, device):
-            loss = workload.loss(idx)
-        optimiser_step(loss, workload.optimiser, scaler, clip=workload.clip, parameters=workload.parameters)
+            training.step(idx)
 
-    workload.detector.train()
     _timed(step, device, warmup)
     with Measure(device) as memory:
         seconds = _timed(step, device, steps)
     return seconds, memory
+
+
+def start_training(method: str, config: Any, images: torch.Tensor, device: torch.device) -> Training:
+    """``method``'s training set up on ``images`` as its ``fit`` sets it up: what ``bench`` times."""
+    make = spec(method).training
+    if make is None:
+        raise AdnbError(f"{method} has no training step to time (its fit is one pass over the data); "
+                        "bench times methods that train iteratively")
+    return make(config, images, device=device)
 
 
 def time_inference(detector: Detector, images: torch.Tensor, *, outer: str, device: torch.device,
@@ -274,12 +211,22 @@ def time_inference(detector: Detector, images: torch.Tensor, *, outer: str, devi
     return throughput, memory
 
 
+def step_flops(training: Training, batch: int, *, outer: str, device: torch.device, generator: torch.Generator) -> int:
+    """FLOPs of one more training step (after the timed ones: not timed)."""
+    idx = torch.randint(training.n_images, (batch,), generator=generator).to(device)
+    with autocast(outer, device):
+        return count_flops(lambda: training.step(idx))
+
+
+def peak_fraction(flop_per_s: float, machine_peak: Mapping[str, Any] | None) -> float | None:
+    """``flop_per_s`` over the machine's peak (None where the peak is unknown)."""
+    return round(flop_per_s / 1e9 / machine_peak["peak_gflops"], 4) if machine_peak else None
+
+
 def bench(method: str, params: Mapping[str, Any] | None = None, *, size: int | None = None, batch: int | None = None,
           steps: int = 5, warmup: int = 2, infer_images: int = 64, precision: str = "auto", device: str = "auto",
           images: str | None = None, seed: int = 0) -> BenchResult:
     """Time ``method``'s training step and inference (see the module docstring)."""
-    if method not in WORKLOADS:
-        raise AdnbError(f"no benchmark for {method!r}; valid: {', '.join(WORKLOADS)}")
     if steps < 1 or warmup < 0 or infer_images < 1:
         raise AdnbError("steps and inference images must be at least 1, warm-up at least 0")
     dev = get_device(device)
@@ -294,29 +241,35 @@ def bench(method: str, params: Mapping[str, Any] | None = None, *, size: int | N
 
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     data = (folder_images(images, config.image_size) if images
             else synthetic_images(N_IMAGES, config.image_size, generator)).to(dev)
-    workload = WORKLOADS[method](detector_class(method)(config).to(dev), data, generator)
+    training = start_training(method, config, data, dev)
     setup = time.perf_counter() - start
 
-    train, train_memory = time_training(workload, len(data), config.batch_size, outer=outer,
-                                        scaler=grad_scaler(chosen, dev), device=dev, warmup=warmup, steps=steps,
-                                        generator=generator)
-    throughput, infer_memory = time_inference(workload.detector, data, outer=outer, device=dev,
+    train, train_memory = time_training(training, config.batch_size, outer=outer, device=dev, warmup=warmup,
+                                        steps=steps, generator=generator)
+    train_flops = step_flops(training, config.batch_size, outer=outer, device=dev, generator=generator)
+    training.finish()  # what scoring needs from the training images (a template, a kNN bank): not timed
+    throughput, infer_memory = time_inference(training.detector, data, outer=outer, device=dev,
                                               infer_images=infer_images)
+    with torch.inference_mode(), autocast(outer, dev):
+        infer_flops = count_flops(lambda: training.detector.predict(data[:1]))
     per_step = statistics.median(train)
+    machine_peak = peak(dev, chosen)
     return BenchResult(
         method=method, config=dataclasses.asdict(config), device=str(dev), machine=describe_machine(dev),
         precision=chosen, precision_applied_by=applied_by, image_source=images or "synthetic",
-        train_step=workload.what, batch=config.batch_size, warmup_steps=warmup, steps=steps,
+        train_step=training.what, batch=config.batch_size, warmup_steps=warmup, steps=steps,
         train_s_per_step=round(per_step, 4), train_s_per_step_min=round(min(train), 4),
         train_s_per_step_max=round(max(train), 4), train_images_per_s=round(config.batch_size / per_step, 3),
         infer_images=infer_images, infer_images_per_s_bs1=round(throughput[1], 3),
         infer_images_per_s_bs8=round(throughput[8], 3), peak_memory_train_mb=round(train_memory.peak_mb, 1),
         peak_memory_infer_mb=round(infer_memory.peak_mb, 1),
         memory_measure=MEMORY_MEASURES.get(train_memory.peak_kind, train_memory.peak_kind),
-        setup_seconds=round(setup, 2))
+        setup_seconds=round(setup, 2), train_gflop_per_step=round(train_flops / 1e9, 3),
+        infer_gflop_per_image=round(infer_flops / 1e9, 4), peak=machine_peak,
+        train_peak_fraction=peak_fraction(train_flops / per_step, machine_peak),
+        infer_peak_fraction_bs1=peak_fraction(infer_flops * throughput[1], machine_peak))
 
 
 def summary(result: BenchResult) -> str:
@@ -325,4 +278,6 @@ def summary(result: BenchResult) -> str:
                                          f"{' '.join(result.machine.get('flags', [])) or 'no AVX flags'})"
     return (f"{result.method} at {result.config['image_size']}², batch {result.batch}, {result.precision} on {where}: "
             f"{result.train_s_per_step:.3f} s/step, inference {result.infer_images_per_s_bs1:.1f} / "
-            f"{result.infer_images_per_s_bs8:.1f} images/s at batch 1 / 8")
+            f"{result.infer_images_per_s_bs8:.1f} images/s at batch 1 / 8"
+            + (f"; {result.train_peak_fraction:.1%} of the {result.peak['peak_gflops']:.0f} GFLOP/s peak in training"
+               if result.train_peak_fraction is not None else ""))

@@ -6,9 +6,11 @@ log-likelihoods, RealNet's reconstruction errors. At training time each checkpoi
 has labels, on that too. The result, a ``Calibration`` stored in the checkpoint's sidecar under
 ``"calibration"``, gives ``python -m adnb score``
 
-- an image threshold: the F1-optimal one on the labelled test set (``source = "f1"``), else the
-  conformal quantile of the held-out normal scores (``source = "normal-conformal"``, see
-  ``conformal_threshold``);
+- the default image threshold, from the held-out normal images only: a conformal order statistic
+  (``source = "normal-conformal"``, see ``conformal_threshold``), stored with the false-alarm
+  bound its hold-out size guarantees (``false_alarm_bound``, see ``false_alarm_bound``);
+- on request only (``--threshold f1-test``), the F1-optimal threshold on the labelled test set
+  (``f1_threshold``): optimistic, since it is chosen on the images whose metrics are reported;
 - a normalised score with the threshold at 0.5 (``normalise``, anomalib's min–max rule), so
   ``normalised ≥ 0.5`` ⇔ anomalous whatever the method;
 - one fixed colour scale for anomaly-map overlays (``map_low``, ``map_high``), so the PNGs of two
@@ -17,6 +19,7 @@ has labels, on that too. The result, a ``Calibration`` stored in the checkpoint'
 >>> calibration = calibrate(detector, held_out_normal_images, evaluation)   # at training time
 >>> save_calibration(detector.checkpoint, calibration)
 >>> load_calibration(checkpoint).threshold                                   # at scoring time
+>>> load_calibration(checkpoint).describe()    # "threshold 3.2 (the largest of 10 held-out normal scores: …)"
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from adnb.runtime import atomic
 from adnb.runtime.errors import AdnbError
 
 if TYPE_CHECKING:
@@ -40,7 +43,8 @@ if TYPE_CHECKING:
     from adnb.methods.base import Detector
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
-CONFORMAL_ALPHA = 0.01  # the false-alarm rate on normal images the normal-only threshold aims at
+CONFORMAL_ALPHA = 0.01  # the false-alarm rate the normal-only threshold aims at; a small hold-out allows less
+F1_TEST = "f1-test"  # the threshold choice that asks for the test set's F1-optimal threshold
 SIDECAR_KEY = "calibration"
 ArrayLike = np.ndarray | torch.Tensor | list[float]
 
@@ -51,11 +55,13 @@ class Calibration:
 
     ``n, mean, std, min, max, quantiles`` describe the held-out normal image scores (``quantiles``
     maps ``"0.99"`` → value). ``threshold`` is the raw image-score threshold (anomalous when
-    ``score ≥ threshold``) and ``source`` where it came from: ``"f1"`` (the F1-optimal threshold
-    of ``n_test`` labelled test images, reaching ``f1``) or ``"normal-conformal"``. ``low``/``high``
-    are the score range of the normalisation; ``map_low``/``map_high`` the overlay colour scale;
-    ``resize`` the resize mode the scores were measured with; ``alpha`` the conformal rule's target
-    false-alarm rate.
+    ``score ≥ threshold``) and ``source`` where it came from: ``"normal-conformal"`` (the ``k``-th
+    smallest held-out normal score, the default; a new normal image reaches it with probability at
+    most ``false_alarm_bound``), ``"f1-test"`` (the F1-optimal threshold of the ``n_test`` labelled
+    test images, on request) or ``"user"``. ``f1_threshold``/``f1``: that test-set threshold and its
+    F1, kept when the test set had labels. ``low``/``high`` are the score range of the
+    normalisation; ``map_low``/``map_high`` the overlay colour scale; ``resize`` the resize mode the
+    scores were measured with; ``alpha`` the conformal rule's target false-alarm rate.
     """
 
     n: int
@@ -74,6 +80,9 @@ class Calibration:
     n_test: int = 0
     resize: str = "squash"
     alpha: float = CONFORMAL_ALPHA
+    k: int = 0
+    false_alarm_bound: float | None = None
+    f1_threshold: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,21 +96,41 @@ class Calibration:
         if missing:
             raise AdnbError(f"calibration record lacks {', '.join(sorted(missing))}; recalibrate the checkpoint "
                             "(retrain it, or call adnb.calibration.calibrate and save_calibration)")
+        data = dict(data)
+        if data["source"] == "f1":  # written before the test-set threshold became opt-in: the default is
+            # the largest held-out normal score (k = n, the only order statistic such a record keeps)
+            k, bound = false_alarm_bound(int(data["n"]), 0.0)
+            data.update(f1_threshold=data["threshold"], threshold=data["max"], source="normal-conformal", k=k,
+                        false_alarm_bound=bound)
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def with_threshold(self, threshold: float, source: str = "user") -> Calibration:
         """The same calibration with another raw threshold (``--threshold`` on the command line)."""
-        return dataclasses.replace(self, threshold=float(threshold), source=source, f1=None)
+        return dataclasses.replace(self, threshold=float(threshold), source=source, false_alarm_bound=None)
+
+    def f1_test(self) -> Calibration:
+        """The same calibration with the test set's F1-optimal threshold (``--threshold f1-test``)."""
+        if self.f1_threshold is None:
+            raise AdnbError("this checkpoint's calibration has no test-set F1 threshold (its test set had no labels, "
+                            "or it predates them); use the default threshold or give one: --threshold VALUE")
+        return dataclasses.replace(self, threshold=float(self.f1_threshold), source=F1_TEST, false_alarm_bound=None)
 
     def describe(self) -> str:
-        if self.source == "f1":
-            how = f"F1-optimal on {self.n_test} labelled test images, F1 {self.f1:.3f}"
-        elif self.source == "normal-conformal" and math.ceil((self.n + 1) * (1 - self.alpha)) >= self.n:
-            how = f"the largest of {self.n} held-out normal scores"
-        elif self.source == "normal-conformal":
-            how = f"conformal {1 - self.alpha:.0%} quantile of {self.n} held-out normal scores"
+        """Where the threshold comes from and what it guarantees, in one line (``score`` prints it, the
+        CSV's first line holds it)."""
+        if self.source == "normal-conformal":
+            n = self.n
+            k, bound = (self.k, self.false_alarm_bound) if self.k else false_alarm_bound(n, self.alpha)
+            which = f"the largest of {n}" if k == n else f"the {k}-th smallest of {n}"
+            how = (f"{which} held-out normal scores: a new normal image is flagged with probability at most "
+                   f"{n + 1 - k}/{n + 1} = {bound:.1%} (conformal)")
+            if bound > self.alpha:
+                how += f"; the {self.alpha:.0%} target needs {math.ceil(1 / self.alpha) - 1} held-out images"
+        elif self.source in (F1_TEST, "f1"):
+            how = (f"F1-optimal on the {self.n_test} labelled test images, F1 {self.f1:.3f}: optimistic, chosen on "
+                   "the images whose metrics are reported")
         else:
-            how = self.source
+            how = "given by --threshold"
         return f"threshold {self.threshold:.6g} ({how}); held-out normal scores {self.mean:.4g} ± {self.std:.4g}"
 
 
@@ -134,21 +163,35 @@ def f1_optimal_threshold(scores: ArrayLike, labels: ArrayLike) -> tuple[float, f
     return float(thresholds[best]), float(f1[best])
 
 
+def false_alarm_bound(n: int, alpha: float = CONFORMAL_ALPHA) -> tuple[int, float]:
+    """The rank ``k`` the conformal rule takes among ``n`` held-out normal scores, and its false-alarm bound.
+
+    ``k = min(⌈(n + 1)(1 − α)⌉, n)`` and the bound is ``(n + 1 − k) / (n + 1)``. Derivation: let
+    ``S_1 … S_n`` be the held-out normal scores, ``S_(k)`` the ``k``-th smallest, and ``S`` a new normal
+    image's score, exchangeable with them (same process, none trained on). Among the ``n + 1``
+    scores ``S``'s rank is uniform on ``1 … n + 1`` (ties have probability zero for continuous
+    scores), and ``S ≥ S_(k)`` exactly when ``S`` is above ``k`` of the held-out ones, i.e. its rank is
+    ``k + 1 … n + 1``: ``P(S ≥ S_(k)) = (n + 1 − k) / (n + 1)``, averaged over the draw of the
+    hold-out. That is ``≤ α`` when ``k = ⌈(n + 1)(1 − α)⌉ ≤ n``, i.e. ``n ≥ 1/α − 1``; with fewer
+    images ``k = n`` (the largest score) and the bound is ``1/(n + 1)``, whatever ``α`` asked for.
+    """
+    if n < 1:
+        raise AdnbError("a threshold needs at least one held-out normal score")
+    k = min(math.ceil((n + 1) * (1 - alpha) - 1e-9), n)  # − 1e-9: (n + 1)(1 − α) in floats may sit just above an integer
+    return k, (n + 1 - k) / (n + 1)
+
+
 def conformal_threshold(normal_scores: ArrayLike, alpha: float = CONFORMAL_ALPHA) -> float:
     """The threshold from normal scores only: the ``k``-th smallest, ``k = ⌈(n + 1)(1 − α)⌉`` (capped at n).
 
-    Why this rule: if a new normal image's score is exchangeable with the ``n`` held-out ones
-    (same process, not trained on either), its rank among the ``n + 1`` is uniform, so
-    ``P(score > t) ≤ (n + 1 − k) / (n + 1) ≤ α`` — a false-alarm rate of at most α with no
-    assumption on the score distribution (split-conformal prediction). With fewer than
-    ``1/α − 1`` held-out images ``k = n``: the largest normal score, and the bound is
-    ``1/(n + 1)`` (hold out more images to reach α). A Gaussian rule such as mean + 3σ would
-    assume a shape that max-over-pixels scores rarely have (they are right-skewed).
+    Why this rule: a new normal image scores at or above it with probability at most
+    ``(n + 1 − k) / (n + 1)`` (``false_alarm_bound`` derives it), with no assumption on the score
+    distribution (split-conformal prediction); below ``1/α − 1`` held-out images that bound is
+    ``1/(n + 1)``, not α. A Gaussian rule such as mean + 3σ would assume a shape that
+    max-over-pixels scores rarely have (they are right-skewed).
     """
     s = np.sort(_flat(normal_scores))
-    if s.size == 0:
-        raise AdnbError("a threshold needs at least one held-out normal score")
-    k = min(math.ceil((s.size + 1) * (1 - alpha)), s.size)
+    k, _ = false_alarm_bound(s.size, alpha)
     return float(s[k - 1])
 
 
@@ -187,26 +230,29 @@ def fit_calibration(normal_scores: ArrayLike, normal_maps: ArrayLike, test_score
                     alpha: float = CONFORMAL_ALPHA, resize: str = "squash") -> Calibration:
     """A ``Calibration`` from held-out normal scores and maps, and a labelled test set when there is one.
 
-    The threshold is F1-optimal on the test set when it has both labels (``f1_optimal_threshold``),
-    else ``conformal_threshold(normal_scores, alpha)``. The normalisation range is the min and max
-    of all scores given; the colour scale is ``map_scale`` (anomalous test maps widen it).
+    The threshold is ``conformal_threshold(normal_scores, alpha)``, from the normal images alone,
+    with its ``false_alarm_bound``. With a labelled test set (both labels) the F1-optimal test
+    threshold (``f1_optimal_threshold``) is kept beside it for ``--threshold f1-test``. The
+    normalisation range is the min and max of all scores given; the colour scale is ``map_scale``
+    (anomalous test maps widen it).
 
     Beware of F1 on a test set with more defects than good images (MVTec's usual shape): flagging
     everything already reaches ``F1 = 2P / (2P + N)`` (0.86 with 30 defects and 10 good), so a weak
-    model's F1-optimal threshold can sit below most normal scores. ``describe()`` and the held-out
-    normal statistics show it; compare the threshold with ``quantiles``.
+    model's F1-optimal threshold can sit below most normal scores; and it is chosen on the test
+    images themselves, so its F1 overstates what new images get.
     """
     normal = _flat(normal_scores)
     if normal.size == 0:
         raise AdnbError("calibration needs at least one held-out normal image")
     every = normal
+    k, bound = false_alarm_bound(normal.size, alpha)
+    threshold = conformal_threshold(normal, alpha)
     labels = _flat(test_labels) > 0 if test_labels is not None else None
+    f1_threshold, f1, n_test = None, None, 0
     if test_scores is not None and labels is not None and labels.any() and not labels.all():
         test = _flat(test_scores)
-        threshold, f1 = f1_optimal_threshold(test, labels)
-        source, n_test, every = "f1", int(test.size), np.concatenate([normal, test])
-    else:
-        threshold, f1, source, n_test = conformal_threshold(normal, alpha), None, "normal-conformal", 0
+        f1_threshold, f1 = f1_optimal_threshold(test, labels)
+        n_test, every = int(test.size), np.concatenate([normal, test])
     anomalous_maps = None
     if test_maps is not None and labels is not None:
         anomalous_maps = [m for m, y in zip(test_maps, labels) if y]
@@ -214,8 +260,9 @@ def fit_calibration(normal_scores: ArrayLike, normal_maps: ArrayLike, test_score
     return Calibration(
         n=int(normal.size), mean=float(normal.mean()), std=float(normal.std()), min=float(normal.min()),
         max=float(normal.max()), quantiles={str(q): float(np.quantile(normal, q)) for q in QUANTILES},
-        threshold=threshold, source=source, low=float(every.min()), high=float(every.max()),
-        map_low=map_low, map_high=map_high, f1=f1, n_test=n_test, resize=resize, alpha=alpha)
+        threshold=threshold, source="normal-conformal", low=float(every.min()), high=float(every.max()),
+        map_low=map_low, map_high=map_high, f1=f1, n_test=n_test, resize=resize, alpha=alpha, k=k,
+        false_alarm_bound=bound, f1_threshold=f1_threshold)
 
 
 def calibrate(detector: Detector, normal_images: torch.Tensor | Split, evaluation: Evaluation | None = None, *,
@@ -281,10 +328,7 @@ def save_calibration(checkpoint: str | Path, calibration: Calibration) -> Path:
     sidecar = sidecar_path(checkpoint)
     data = read_sidecar(checkpoint)
     data[SIDECAR_KEY] = calibration.to_dict()
-    tmp = sidecar.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, sidecar)  # a reader never sees half a sidecar
-    return sidecar
+    return atomic.write_text(sidecar, json.dumps(data, indent=2))  # a reader never sees half a sidecar
 
 
 def load_calibration(checkpoint: str | Path) -> Calibration | None:

@@ -106,8 +106,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     print(f"scored {run.written} image(s) with {scorer.detector.method} (resize {scorer.resize}) in {run.seconds:.1f} s "
           f"({run.images_per_s:.1f} images/s){resumed}", file=sys.stderr)
     if scorer.threshold is not None:
-        where = calibration.describe() if calibration is not None else f"threshold {scorer.threshold:g} (--threshold)"
-        print(f"{run.anomalous} of {run.written} anomalous; {where}", file=sys.stderr)
+        print(f"{run.anomalous} of {run.written} anomalous; {scorer.describe_threshold()}", file=sys.stderr)
     if run.colour_scale:
         print(f"overlays share the calibration's colour scale [{run.colour_scale[0]:.4g}, {run.colour_scale[1]:.4g}]",
               file=sys.stderr)
@@ -120,13 +119,23 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _threshold(text: str) -> float | str:
+    """``--threshold``: a raw score, or ``f1-test``."""
+    if text == "f1-test":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor f1-test") from None
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from adnb.bench import bench, summary
-    from adnb.runtime.presets import load_preset
+    from adnb.recipe import parameters
     from adnb.runtime.runner import parse_value
 
-    params = {**(load_preset(args.preset, args.method) if args.preset else {}),
-              **{key: parse_value(value) for key, value in args.param}}
+    overrides = {key: parse_value(value) for key, value in args.param}
+    params = parameters(args.method, args.preset, overrides) if args.preset else overrides  # what its chapter trains
     result = bench(args.method, params, size=args.size, batch=args.batch, steps=args.steps, warmup=args.warmup,
                    infer_images=args.infer_images, precision=args.precision, device=args.device, images=args.images)
     print(summary(result), file=sys.stderr)
@@ -135,11 +144,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_all(args: argparse.Namespace) -> int:
-    from adnb.methods import METHODS
+    from adnb.methods import names
     from adnb.runtime.runner import parse_value
     from adnb.schedule import train_all
 
-    report = train_all(args.methods or METHODS, args.preset, data_root=args.data_root or "",
+    report = train_all(args.methods or names(), args.preset, data_root=args.data_root or "",
                        categories=args.categories, overrides={k: parse_value(v) for k, v in args.param},
                        executor=args.executor, jobs=args.jobs, threads=args.threads, address=args.address,
                        device=args.device, worker_home=args.worker_home)
@@ -200,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Train a method on every category of a dataset (or one), with a preset's "
                                        "settings, evaluate it when the test set allows, write results records and "
                                        "print the checkpoints. Example: python -m adnb train fair --preset ci")
-    train.add_argument("method", help="fair, pyramidflow, d3ad, realnet, baseline or knn")
+    train.add_argument("method", help="fair, pyramidflow, d3ad, realnet, baseline, patchcore, padim or any installed method")
     train.add_argument("--preset", default="cpu", help="ci, cpu or full (default: cpu)")
     train.add_argument("--data-root", help="dataset folder in MVTec AD layout (default: the embedded dataset)")
     train.add_argument("--category", help="category under the data root (default: every category)")
@@ -223,11 +232,20 @@ def build_parser() -> argparse.ArgumentParser:
   normalised  the score on a common scale: the threshold maps to 0.5 (anomalib's min-max rule), in [0, 1]
   anomalous   1 if score >= threshold, else 0
   overlay     the overlay's file name in OUT
-A checkpoint trained by this version carries a calibration (scores of held-out good images, and the
-F1-optimal threshold when its test set had labels): 'normalised' and 'anomalous' come from it, and
-every overlay uses its one fixed colour scale, so overlays of different images and different runs
-can be compared. --threshold replaces its threshold. An older checkpoint has no calibration: raw
-scores only ('anomalous' with --threshold), each overlay on its own map's range.
+Its first line, '# threshold ...', says where the threshold came from and what it guarantees
+(pandas: read_csv(path, comment="#")).
+
+The default threshold comes from held-out good images only (10 % of train/good, 2 to 20 images,
+never trained on): the k-th smallest of their n scores, k = min(ceil((n+1)(1-a)), n), a = 0.01.
+A new good image scores at or above it with probability at most (n+1-k)/(n+1) (conformal: its
+rank among the n+1 scores is uniform). Below 99 held-out images k = n, the largest score, and the
+bound is 1/(n+1): 1/11 = 9.1 % for 10 images, 1/21 = 4.8 % for 20, not 1 %. 'score' prints the
+checkpoint's own n and bound. --threshold f1-test takes instead the F1-optimal threshold on the
+labelled test set the checkpoint was evaluated on: optimistic, as it is chosen on the images whose
+metrics are reported. --threshold VALUE sets a raw score. Every overlay uses the calibration's one
+fixed colour scale, so overlays of different images and runs can be compared. A checkpoint without
+a calibration (saved before adnb stored one): raw scores only ('anomalous' with --threshold VALUE),
+each overlay on its own map's range.
 
 Unreadable files (empty, damaged, not an image) are skipped with one line each and listed again at
 the end; everything else is scored. Images already in OUT/scores.csv are not scored again unless
@@ -239,8 +257,10 @@ exit status: 0 every image scored; 3 some files were skipped (the rest was score
     score.add_argument("--checkpoint", required=True, help="weights.pt of a trained model (a results record's "
                                                            "'checkpoint' field, or printed by 'train')")
     score.add_argument("--out", default=".", help="output folder (default: the current folder)")
-    score.add_argument("--threshold", type=float, help="raw score at or above which an image is anomalous "
-                                                       "(default: the checkpoint's calibrated threshold)")
+    score.add_argument("--threshold", type=_threshold, metavar="VALUE|f1-test",
+                       help="raw score at or above which an image is anomalous, or f1-test: the F1-optimal threshold "
+                            "on the labelled test set (optimistic) (default: the calibration's threshold from held-out "
+                            "good images, with its false-alarm bound; see below)")
     score.add_argument("--resize", choices=RESIZE_CHOICES, help="how an image reaches the model's square input: "
                        "squash (resize, ignoring the aspect ratio), letterbox (fit the long side, pad) or tile "
                        "(fit the short side, score overlapping square tiles, stitch one map) (default: the mode the "
@@ -258,7 +278,8 @@ exit status: 0 every image scored; 3 some files were skipped (the rest was score
                     "peak memory, the precision and the machine (CPU flags or GPU name). A benchmark: nothing is "
                     "trained to convergence and nothing is judged. Example: python -m adnb bench fair --size 128 "
                     "--batch 8 -p width 32 --precision bf16")
-    bench.add_argument("method", help="fair, pyramidflow, d3ad or realnet")
+    bench.add_argument("method", help="a method that trains iteratively: fair, pyramidflow, d3ad, realnet or any "
+                                      "installed one")
     bench.add_argument("--size", type=int, help="image side (default: the method's or the preset's image_size)")
     bench.add_argument("--batch", type=int, help="training batch (default: the method's or the preset's batch_size)")
     bench.add_argument("--steps", type=int, default=5, help="timed training steps (default: 5)")
@@ -290,8 +311,8 @@ exit status: 0 every image scored; 3 some files were skipped (the rest was score
                "exit status: 0 every job trained (or already was); 1 some job failed; 2 a usage error.")
     train_all.add_argument("--preset", required=True, help="ci, cpu or full")
     train_all.add_argument("--methods", nargs="+", metavar="METHOD",
-                           help="methods to train (default: all six the book trains: baseline knn fair pyramidflow "
-                                "d3ad realnet)")
+                           help="methods to train (default: every method adnb knows: the book's baseline patchcore "
+                                "padim fair pyramidflow d3ad realnet, and any installed one)")
     train_all.add_argument("--data-root", help="dataset folder in MVTec AD layout (default: the embedded dataset)")
     train_all.add_argument("--categories", nargs="+", metavar="NAME", help="categories (default: every category)")
     train_all.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),

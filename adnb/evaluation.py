@@ -1,22 +1,27 @@
 """Scoring a trained detector on a category's test set, the same way for every method.
 
-Maps are scored at the model's resolution (the masks resized, coverage ≥ 0.5) or at each image's
-native resolution (the maps upsampled bilinearly to the original mask, the MVTec protocol).
-Inference speed is timed on the model's forward passes alone, images already in memory.
+Maps are scored at each image's native resolution (the maps stitched and upsampled bilinearly to
+the original mask: the MVTec protocol and the book's default, so methods of different input sizes
+are scored on the same pixels) or at the model's resolution (the masks resized, coverage ≥ 0.5).
+Every metric comes with its 95 % interval, a stratified bootstrap over the test images
+(``adnb.intervals``). Inference speed is timed on the model's forward passes alone, images already
+in memory.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from adnb.data.framing import plan, stitch
 from adnb.data.images import image_size, read_mask
 from adnb.data.layout import Category, Sample
+from adnb.intervals import Bootstrap, Estimate, PixelBins, TestSetStats, bin_thresholds, bootstrap
 from adnb.metrics import PixelAccumulator, image_auroc
 from adnb.methods.base import Detector
 from adnb.runtime.device import describe
@@ -42,18 +47,50 @@ class Evaluation:
     precision: str
     infer_images_per_s: float
     extra: dict[str, Any] = field(default_factory=dict)
+    bootstrap: Bootstrap | None = None  # the metrics' intervals and how they were made
+    origin: torch.Tensor | None = None  # row → image index (tiles), as ``Split.origin``; None: one row per image
+    resize: str = "squash"
+
+    def pairs(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The (map, mask) pairs the pixel metrics were computed from, at ``resolution`` (nothing without masks)."""
+        if self.masks is None:
+            return
+        if self.resolution == "model":
+            yield from zip(self.maps.numpy(), self.masks.numpy())
+            return
+        origin = self.origin if self.origin is not None else torch.arange(len(self.maps))
+        for _, amap, mask in native_maps(self.samples, origin, self.resize, self.maps):
+            yield amap, mask
 
     @property
     def defects(self) -> list[str]:
         return [s.defect for s in self.samples]
 
+    @property
+    def intervals(self) -> dict[str, list[float] | None]:
+        """Each metric's 95 % interval ``[low, high]`` (``None`` where the metric is)."""
+        return self.bootstrap.intervals if self.bootstrap else {k: None for k in self.metrics}
+
     def table(self) -> dict[str, str]:
-        return {k: ("—" if v is None else f"{v:.3f}") for k, v in self.metrics.items()}
+        """Each metric as ``0.912 [0.874, 0.951]`` (value and 95 % interval), ``—`` where there is none."""
+        return {k: str(Estimate(np.nan) if v is None else Estimate(v, *(self.intervals.get(k) or (np.nan, np.nan))))
+                for k, v in self.metrics.items()}
 
 
 def native_mask(sample: Sample) -> np.ndarray:
     """The sample's ground truth at its image's own size (all normal for a good image)."""
     return read_mask(sample.mask) if sample.mask is not None else np.zeros(image_size(sample.image), bool)
+
+
+def native_maps(samples: Sequence[Sample], origin: torch.Tensor, resize: str,
+                maps: torch.Tensor) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(image index, map, mask) per test image at the image's own size: its windows' maps (rows of ``maps``
+    whose ``origin`` is the image) stitched back (``adnb.data.framing.stitch``, bilinear; what
+    ``python -m adnb score`` writes), and its original mask."""
+    for j, sample in enumerate(samples):
+        mask = native_mask(sample)
+        rows = (origin == j).nonzero().flatten()
+        yield j, stitch(maps[rows], plan(*mask.shape, maps.shape[-1], resize)).numpy(), mask
 
 
 @torch.no_grad()
@@ -73,38 +110,41 @@ def predict_all(detector: Detector, images: torch.Tensor, batch_size: int = 8) -
     return torch.cat(scores), torch.cat(maps), seconds
 
 
-def evaluate(detector: Detector, category: Category, *, resolution: str = "model", batch_size: int = 8,
+def evaluate(detector: Detector, category: Category, *, resolution: str = "native", batch_size: int = 8,
              limit: int | None = None, seed: int = 0, resize: str = "squash") -> Evaluation:
-    """Image AUROC, pixel AUROC and AUPRO of ``detector`` on ``category``'s test set.
+    """Image AUROC, pixel AUROC and AUPRO of ``detector`` on ``category``'s test set, with intervals.
 
     ``resize`` frames the test images as the detector was trained (``adnb.data.framing``); with
-    tiles, an image's score is the largest of its tiles' and the pixel metrics count every tile's
-    pixels at the model's resolution.
+    tiles, an image's score is the largest of its tiles'. At ``resolution="native"`` each image's
+    windows are stitched into one map at the mask's size; at ``"model"`` every window's pixels count
+    against the mask resized with it. The intervals resample images (an image's tiles go together),
+    with ``seed``.
     """
     if resolution not in RESOLUTIONS:
         raise AdnbError(f"unknown evaluation resolution {resolution!r}; valid: {', '.join(RESOLUTIONS)}")
-    if resolution == "native" and resize != "squash":
-        raise AdnbError(f"eval_resolution 'native' maps squashed images back to their size; with resize={resize!r} "
-                        "evaluate at the model's resolution (eval_resolution: model)")
     detector.eval()
     split = category.load("test", detector.image_size, limit=limit, seed=seed, resize=resize)
     scores, maps, seconds = predict_all(detector, split.images, batch_size)
     labels = np.array([s.label for s in split.image_samples])
-    metrics: dict[str, float | None] = {"image_auroc": image_auroc(split.per_image(scores), labels),
+    image_scores = split.per_image(scores)
+    metrics: dict[str, float | None] = {"image_auroc": image_auroc(image_scores, labels),
                                         "pixel_auroc": None, "aupro": None}
     acc = PixelAccumulator()
+    stats = TestSetStats(image_scores, labels)
     if split.masks is not None:
-        for i, sample in enumerate(split.samples):
-            if resolution == "model":
-                acc.update(maps[i].numpy(), split.masks[i].numpy())
-                continue
-            mask = native_mask(sample)
-            native = F.interpolate(maps[i][None, None], size=mask.shape, mode="bilinear", align_corners=False)[0, 0]
-            acc.update(native.numpy(), mask)
+        # the bins' edges from the model-resolution maps: upsampling keeps their range and shape
+        bins = PixelBins(bin_thresholds(maps[~split.masks.bool()].numpy()), split.n_images)
+        pairs = (native_maps(split.image_samples, split.origin, split.resize, maps) if resolution == "native" else
+                 ((int(split.origin[i]), maps[i].numpy(), split.masks[i].numpy()) for i in range(len(split))))
+        for image, amap, mask in pairs:
+            acc.update(amap, mask)
+            bins.add(image, amap, mask)
         metrics.update(acc.compute())
-    return Evaluation(metrics, split.per_image(scores), labels, split.image_samples, maps, split.images,
+        stats = bins.stats(image_scores, labels)
+    return Evaluation(metrics, image_scores, labels, split.image_samples, maps, split.images,
                       split.masks, resolution, acc.precision if split.masks is not None else "no masks",
-                      len(split) / max(seconds, 1e-9))
+                      len(split) / max(seconds, 1e-9), bootstrap=bootstrap(stats, seed=seed), origin=split.origin,
+                      resize=split.resize)
 
 
 @torch.no_grad()
@@ -138,7 +178,8 @@ def result_record(detector: Detector, category: Category, evaluation: Evaluation
         device=describe(detector.device), image_size=detector.image_size, metrics=evaluation.metrics,
         train_seconds=detector.train_seconds, infer_images_per_s=evaluation.infer_images_per_s,
         n_params=detector.n_params(), weights=detector.weights or {"all": "trained-here"},
-        checkpoint=detector.checkpoint, config_hash=config_hash, precision=detector.precision,
-        eval_resolution=evaluation.resolution,
+        checkpoint=detector.checkpoint, config_hash=config_hash, intervals=evaluation.intervals,
+        precision=detector.precision, eval_resolution=evaluation.resolution,
+        intervals_method=evaluation.bootstrap.describe() if evaluation.bootstrap else None,
         metrics_precision=evaluation.precision, n_test=len(evaluation.labels),
         **({"stage_seconds": stages} if stages else {}), **extra)

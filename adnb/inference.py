@@ -35,16 +35,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from adnb.calibration import Calibration, load_calibration, normalise, read_sidecar
+from adnb.calibration import F1_TEST, Calibration, load_calibration, normalise, read_sidecar
 from adnb.data.framing import RESIZE_MODES, check_mode, frame_image, framed_score, stitch
 from adnb.data.images import IMAGE_SUFFIXES, ImageReadError, read_image
 from adnb.data.layout import find_images
 from adnb.methods.base import Detector, load_detector
+from adnb.runtime import atomic
 from adnb.runtime.device import get_device
 from adnb.runtime.errors import AdnbError
 
 ImageLike = str | Path | np.ndarray
 CSV_NAME = "scores.csv"
+COMMENT = "#"  # scores.csv's first line: the threshold and its false-alarm bound (pandas: comment="#")
 SETTINGS_NAME = "scores.json"  # what a run was made with, so a resumed run cannot mix two models
 
 
@@ -102,22 +104,34 @@ def checkpoint_resize(checkpoint: str | Path) -> str:
 class Scorer:
     """A trained detector wrapped for images of any size, with its calibration when it has one.
 
-    ``threshold`` (raw score units) overrides the calibration's; the normalised score then maps
-    it to 0.5, so ``normalised ≥ 0.5`` and ``anomalous`` always agree.
+    ``threshold``: ``None`` for the calibration's default (from held-out normal images only),
+    ``"f1-test"`` for the test set's F1-optimal one (optimistic: see ``adnb.calibration``), or a raw
+    score. The normalised score maps the threshold in use to 0.5, so ``normalised ≥ 0.5`` and
+    ``anomalous`` always agree.
     """
 
     def __init__(self, detector: Detector, calibration: Calibration | None = None, *, resize: str = "squash",
-                 threshold: float | None = None):
+                 threshold: float | str | None = None):
         self.detector = detector.eval()
         self.resize = check_mode(resize)
-        if calibration is not None and threshold is not None:
-            calibration = calibration.with_threshold(threshold)
+        if threshold == F1_TEST:
+            if calibration is None:
+                raise AdnbError("--threshold f1-test needs a calibrated checkpoint; this one has none (retrain it)")
+            calibration = calibration.f1_test()
+        elif calibration is not None and threshold is not None:
+            calibration = calibration.with_threshold(float(threshold))
         self.calibration = calibration
-        self.threshold = float(threshold) if threshold is not None else (calibration.threshold if calibration else None)
+        self.threshold = calibration.threshold if calibration else (None if threshold is None else float(threshold))
+
+    def describe_threshold(self) -> str | None:
+        """Where the threshold comes from and the false-alarm bound it carries (``None`` without one)."""
+        if self.calibration is not None:
+            return self.calibration.describe()
+        return None if self.threshold is None else f"threshold {self.threshold:.6g} (given by --threshold)"
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, device: str = "auto", *, resize: str | None = None,
-                        threshold: float | None = None) -> Scorer:
+                        threshold: float | str | None = None) -> Scorer:
         """Load ``weights.pt`` with its calibration; ``resize=None`` uses the mode it was trained with."""
         detector = load_detector(checkpoint, get_device(device))
         return cls(detector, load_calibration(checkpoint), resize=resize or checkpoint_resize(checkpoint),
@@ -260,7 +274,7 @@ def _done_images(path: Path, columns: list[str]) -> set[str]:
     """Absolute paths of the images already in ``path``; an error if its columns differ from ``columns``."""
     _repair_tail(path)
     with open(path, newline="") as fh:
-        reader = csv.reader(fh)
+        reader = csv.reader(line for line in fh if not line.startswith(COMMENT))
         header = next(reader, None)
         if header is None:
             return set()
@@ -275,6 +289,7 @@ def _settings(scorer: Scorer, checkpoint: str | Path | None, columns: list[str])
     return {"checkpoint": os.path.abspath(checkpoint) if checkpoint else None, "method": scorer.detector.method,
             "resize": scorer.resize, "threshold": scorer.threshold,
             "threshold_source": scorer.calibration.source if scorer.calibration else ("user" if scorer.threshold is not None else None),
+            "threshold_means": scorer.describe_threshold(),
             "colour_scale": [scorer.calibration.map_low, scorer.calibration.map_high] if scorer.calibration else None,
             "columns": columns}
 
@@ -297,7 +312,9 @@ def write_scores(scorer: Scorer, paths: Sequence[Path], out: str | Path, *, chec
                  on_progress: Callable[[int], None] | None = None) -> ScoreRun:
     """Score ``paths`` into ``out/scores.csv`` (+ one ``<stem>_overlay.png`` each), one batch at a time.
 
-    Columns: ``image`` (the path as given), ``score`` (raw), then ``normalised`` (threshold ↦ 0.5)
+    The first line, ``# threshold …``, says where the threshold comes from and, for the default one,
+    the false-alarm rate on normal images it guarantees (read the file with ``comment="#"`` in
+    pandas). Columns: ``image`` (the path as given), ``score`` (raw), then ``normalised`` (threshold ↦ 0.5)
     with a calibration, ``anomalous`` (1 if ``score ≥ threshold``, else 0) with a calibration or a
     threshold, and ``overlay`` (the PNG's file name in ``out``). Each overlay is written before its
     row and each row is flushed, so a row always has its overlay; an interrupt (Ctrl-C) keeps every
@@ -322,7 +339,7 @@ def write_scores(scorer: Scorer, paths: Sequence[Path], out: str | Path, *, chec
     names = dict(zip(paths, overlay_names(paths)))
     todo = [p for p in paths if os.path.abspath(p) not in done]
     run.resumed = len(paths) - len(todo)
-    (out / SETTINGS_NAME).write_text(json.dumps(settings, indent=2))
+    atomic.write_text(out / SETTINGS_NAME, json.dumps(settings, indent=2))
     scale = run.colour_scale or (None, None)
     if on_progress and run.resumed:
         on_progress(run.resumed)
@@ -335,6 +352,8 @@ def write_scores(scorer: Scorer, paths: Sequence[Path], out: str | Path, *, chec
     with open(csv_path, "a" if resume else "w", newline="") as fh, ThreadPoolExecutor(max_workers=2) as painters:
         writer = csv.writer(fh)
         if fh.tell() == 0:
+            if settings["threshold_means"]:
+                fh.write(f"{COMMENT} {settings['threshold_means']}\n")
             writer.writerow(columns)
         pending: deque[tuple[list[Any], Future | None]] = deque()  # rows whose overlay is being drawn, in order
 

@@ -146,14 +146,15 @@ class _PixelStats:
         fpr_above = (n - np.searchsorted(self.normal_sorted, distinct, side="right")) / n
         fpr = np.stack([fpr_above, fpr_at], axis=1).ravel()
         pro = np.stack([pro_above, pro_at], axis=1).ravel()
-        return _close_curve(fpr, pro)
+        return close_curve(fpr, pro)
 
     def aupro(self, limit: float = 0.3) -> float:
         fpr, pro = self.curve()
         return trapezoid(fpr, pro, limit) / limit
 
 
-def _close_curve(fpr: np.ndarray, pro: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def close_curve(fpr: np.ndarray, pro: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A PRO curve's points (FPR, PRO), clipped to 1 and closed by (0, 0) and (1, 1)."""
     fpr, pro = np.minimum(fpr, 1.0), np.minimum(pro, 1.0)
     return np.concatenate([[0.0], fpr, [1.0]]), np.concatenate([[0.0], pro, [1.0]])
 
@@ -257,7 +258,7 @@ class PixelAccumulator:
         used = (normal + anomalous) > 0
         fpr = np.cumsum(normal[used][::-1]) / n_normal
         pro = np.cumsum(weight[used][::-1]) / self.n_regions
-        fpr, pro = _close_curve(fpr, pro)
+        fpr, pro = close_curve(fpr, pro)
         return {"pixel_auroc": auroc, "aupro": float(trapezoid(fpr, pro, limit) / limit)}
 
     @property

@@ -87,3 +87,16 @@ def image_grid(rows: Sequence[Sequence[torch.Tensor | np.ndarray]], *, titles: S
             axes[i][0].set_ylabel(row_labels[i], fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def epoch_curve(ax, values: Sequence[float], **kwargs) -> None:  # noqa: ANN001 - a matplotlib Axes
+    """Per-epoch values at epochs 1 … n, each a marker on the line: a run of one epoch is a point, not empty axes."""
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = range(1, len(values) + 1)
+    ax.plot(epochs, list(values), marker="o", markersize=4, **kwargs)
+    if len(values) <= 10:  # epochs are whole: no tick at 1.5 (a locator cannot avoid it on a range of one)
+        ax.set_xticks(list(epochs))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")

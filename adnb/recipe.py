@@ -8,15 +8,19 @@ and writes a record with the same ``config_hash`` whichever of them ran it::
     trained = recipe.run(category)                                # config → fit → evaluate → record
     trained.detector, trained.evaluation.metrics, trained.record
 
-Each method module (``adnb.methods.<name>``) supplies the steps that are its own; the recipe calls
-them for every method alike and knows no method by name:
+Each method declares the steps that are its own in its ``MethodSpec`` (``adnb.methods.registry``);
+the recipe calls them for every method alike and knows no method by name:
 
 - ``resolve(params, category) -> Config`` (optional): the config for one category, the "auto"
   choices included (PyramidFlow's official per-category settings, D3AD's latent space, a
   backbone's weights). Without it, the params' values are matched to the config's fields by name.
-- ``prepare(config, params, category, *, device, force_train) -> Prepared`` (optional): what
+  ``precision: auto`` stays ``auto``: each machine resolves it where the model runs, so a model
+  trained at bf16 on a GPU node and the same model asked for by a CPU driver share one cache key
+  (the record states the precision training and evaluation ran at).
+- ``prepare(config, params, category, *, device, force_train, plan) -> Prepared`` (optional): what
   ``fit`` needs beyond the images (RealNet's SIA anomaly source), with a key that joins the cache
-  key and the config hash.
+  key and the config hash, and the cache entries it lives in. With ``plan=True`` it makes nothing
+  and returns only the key and the entries: what ``train-all`` plans with, on the driver.
 - ``fit(config, images, *, device, cache, force_train, **prepared.extras) -> Detector``.
 - ``variant(config) -> str`` (optional): a name for a configuration that is its own row in a
   comparison (PyramidFlow's ``"pretrained"``).
@@ -29,7 +33,6 @@ overrides (``parameters``). Besides the config fields they hold the recipe's own
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,14 +43,12 @@ import torch
 from adnb.data.layout import Category, Split, split_holdout, stratified_subset
 from adnb.evaluation import Evaluation, evaluate, result_record
 from adnb.methods.base import Detector, Prepared, config_from, detector_class
+from adnb.methods.registry import MethodSpec, spec
 from adnb.runtime import cache
 from adnb.runtime.device import get_device
-from adnb.runtime.precision import resolve_precision
 from adnb.runtime.records import write_record
 from adnb.runtime.timing import Measure
 
-# Methods whose parameters live in another chapter's notebook and presets.
-METHOD_CHAPTER = {"baseline": "data", "knn": "benchmark"}
 DEFAULT_HOLDOUT = 0.1  # share of train/good kept out of training to calibrate the scores (at most MAX_HOLDOUT images)
 MAX_HOLDOUT = 20
 VARIANT_SUFFIX = "_variant"  # a parameter named so holds one named variant's changed parameters (see Recipe.variants)
@@ -64,34 +65,53 @@ class Trained:
     config_hash: str
     prepared: Prepared
     peak_mb: float
+    entry: cache.CacheEntry  # where the detector's weights are (its stages, if any, in entry.stages)
     holdout: Split | None = None
     evaluation: Evaluation | None = None
     record: Path | None = None
 
     @property
     def variant(self) -> str:
-        hook = getattr(method_module(self.method), "variant", None)
+        hook = spec(self.method).variant
         return hook(self.config) if hook else ""
 
 
-def method_module(method: str) -> Any:
-    detector_class(method)  # a clear error for an unknown name
-    return importlib.import_module(f"adnb.methods.{method}")
-
-
 def chapter_of(method: str) -> str:
-    """The chapter whose notebook and presets hold ``method``'s parameters."""
-    return METHOD_CHAPTER.get(method, method)
+    """The chapter whose notebook and presets hold ``method``'s parameters (an unknown method is named
+    as such, not as a missing chapter)."""
+    return spec(method).chapter_name
 
 
 def parameters(method: str, preset: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``method``'s parameters as its chapter runs at ``preset``: notebook defaults ⊕ preset ⊕ overrides."""
+    """``method``'s parameters as its chapter runs at ``preset``: notebook defaults ⊕ preset ⊕ overrides.
+
+    An override the chapter does not have (a typo such as ``wdith``), or of the wrong type, is an
+    error naming the valid keys, as ``python -m adnb run`` reports it: every command goes through here.
+    """
     from adnb.runtime.presets import load_preset
     from adnb.runtime.runner import notebook_defaults
 
-    detector_class(method)  # an unknown method is named as such, not as a missing chapter
+    check_overrides(method, overrides or {})
     chapter = chapter_of(method)
     return {**notebook_defaults(chapter), **load_preset(preset, chapter), **(overrides or {})}
+
+
+def parameter_names(method: str) -> list[str]:
+    """The keys ``-p`` may set for ``method``: its chapter's parameters."""
+    from adnb.runtime.runner import find_notebook, notebook_parameters
+
+    detector_class(method)  # an unknown method is named as such, not as a missing chapter
+    return sorted(notebook_parameters(find_notebook(chapter_of(method))))
+
+
+def check_overrides(method: str, overrides: Mapping[str, Any]) -> None:
+    """An error naming the valid keys when ``overrides`` has a key ``method``'s chapter does not, or a value
+    of the wrong type (``adnb.runtime.runner.check_parameters``, what ``run`` applies)."""
+    from adnb.runtime.runner import check_parameters, find_notebook
+
+    detector_class(method)
+    notebook = find_notebook(chapter_of(method))
+    check_parameters(notebook, overrides, what=f"{method} (the parameters of {notebook.stem})")
 
 
 def holdout_count(n_images: int, share: float) -> int:
@@ -106,7 +126,7 @@ class Recipe:
 
     def __init__(self, method: str, params: Mapping[str, Any], *, device: str | torch.device = "auto"):
         self.method = method
-        self.module = method_module(method)
+        self.spec: MethodSpec = spec(method)
         self.params = dict(params)
         self.preset = str(self.params.get("preset") or "custom")
         if not isinstance(device, torch.device):  # an explicit device wins over the params' own
@@ -153,7 +173,7 @@ class Recipe:
 
     @property
     def eval_resolution(self) -> str:
-        return str(self.params.get("eval_resolution") or "model")
+        return str(self.params.get("eval_resolution") or "native")
 
     @property
     def holdout_share(self) -> float:
@@ -164,19 +184,17 @@ class Recipe:
 
     def config(self, category: Category | None = None, **changes: Any) -> Any:
         """The method's config for ``category`` (the "auto" choices resolved), with ``changes`` applied."""
-        resolve = getattr(self.module, "resolve", None)
-        config = resolve(self.params, category) if resolve else config_from(detector_class(self.method).config_class,
-                                                                           self.params)
-        config = dataclasses.replace(config, **changes) if changes else config
-        if hasattr(config, "precision"):  # "auto" → what this device runs: the cache key names the arithmetic
-            config = dataclasses.replace(config, precision=resolve_precision(config.precision, self.device))
-        return config
+        resolve = self.spec.resolve
+        config = resolve(self.params, category) if resolve else config_from(self.spec.config_class, self.params)
+        # ``precision: auto`` is kept as it is (see the module docstring): the detector resolves it on its device
+        return dataclasses.replace(config, **changes) if changes else config
 
-    def prepare(self, config: Any, category: Category, *, force_train: bool = False) -> Prepared:
-        hook = getattr(self.module, "prepare", None)
+    def prepare(self, config: Any, category: Category, *, force_train: bool = False, plan: bool = False) -> Prepared:
+        """The method's ``prepare`` (nothing when it has none); ``plan``: its key and entries, nothing made."""
+        hook = self.spec.prepare
         if hook is None:
             return Prepared()
-        return hook(config, self.params, category, device=self.device, force_train=force_train)
+        return hook(config, self.params, category, device=self.device, force_train=force_train, plan=plan)
 
     def training_data(self, config: Any, category: Category) -> tuple[Split, Split | None]:
         """(training images, held-out normal images for calibration) at the config's image size."""
@@ -204,9 +222,9 @@ class Recipe:
     def cache_entry(self, category: Category, *, config: Any = None, prepared: Prepared | None = None
                     ) -> cache.CacheEntry:
         """The cache entry ``train`` loads from or trains into on ``category`` (``train-all`` asks it which
-        jobs are done). Without ``prepared`` it runs ``prepare``, which may train (RealNet's SDAS)."""
+        jobs are done). Without ``prepared`` it asks ``prepare`` to plan only: nothing is trained."""
         config = self.config(category) if config is None else config
-        prepared = self.prepare(config, category) if prepared is None else prepared
+        prepared = self.prepare(config, category, plan=True) if prepared is None else prepared
         data_key = "|".join(filter(None, (category.fingerprint(),
                                           f"train={self.n_train(category)}/{self.resize}/{self.seed}", prepared.key)))
         return cache.entry(self.method, config, data_key)
@@ -215,17 +233,18 @@ class Recipe:
         """Whether ``train`` on ``category`` would load cached weights instead of training."""
         return self.cache_entry(category, config=config).exists()
 
-    def train(self, category: Category, *, config: Any = None, force_train: bool = False) -> Trained:
-        """Fit (or load from the cache) the method on ``category``."""
+    def train(self, category: Category, *, config: Any = None, prepared: Prepared | None = None,
+              force_train: bool = False) -> Trained:
+        """Fit (or load from the cache) the method on ``category`` (``prepared``: what ``prepare`` made, if done)."""
         config = self.config(category) if config is None else config
-        prepared = self.prepare(config, category, force_train=force_train)
+        prepared = self.prepare(config, category, force_train=force_train) if prepared is None else prepared
         train, held = self.training_data(config, category)
         entry = self.cache_entry(category, config=config, prepared=prepared)
         with Measure(self.device) as measured:
-            detector = self.module.fit(config, train.float_images(), device=self.device, cache=entry,
-                                       force_train=force_train, **prepared.extras)
+            detector = self.spec.fit(config, train.float_images(), device=self.device, cache=entry,
+                                     force_train=force_train, **prepared.extras)
         return Trained(self.method, category, config, detector, self.config_hash(config, prepared), prepared,
-                       measured.peak_mb, held)
+                       measured.peak_mb, entry, held)
 
     def evaluate(self, trained: Trained) -> Evaluation | None:
         """Scores on the test set when it has good and anomalous images (else None), then calibration."""
@@ -248,7 +267,7 @@ class Recipe:
         """Write the results record (when there was an evaluation)."""
         if trained.evaluation is None:
             return None
-        info = {**trained.prepared.info, **extra}
+        info = {"train_precision": trained.detector.train_precision, **trained.prepared.info, **extra}
         if trained.variant:
             info.setdefault("variant", trained.variant)
         record = result_record(trained.detector, trained.category, trained.evaluation, preset=self.preset,
@@ -257,9 +276,10 @@ class Recipe:
         trained.record = write_record(record)
         return trained.record
 
-    def run(self, category: Category, *, config: Any = None, force_train: bool = False, **extra: Any) -> Trained:
+    def run(self, category: Category, *, config: Any = None, prepared: Prepared | None = None,
+            force_train: bool = False, **extra: Any) -> Trained:
         """``train`` → ``evaluate`` → ``record`` on one category."""
-        trained = self.train(category, config=config, force_train=force_train)
+        trained = self.train(category, config=config, prepared=prepared, force_train=force_train)
         self.evaluate(trained)
         self.record(trained, **extra)
         return trained

@@ -222,7 +222,7 @@ def test_random_weights_get_batchnorm_statistics_of_the_images():
 # --- cache keys and config hashes tell weight sources apart ---------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["realnet", "knn", "d3ad"])
+@pytest.mark.parametrize("method", ["realnet", "patchcore", "padim", "d3ad"])
 def test_cache_keys_and_hashes_differ_by_weight_source(method):
     imagenet = Recipe(method, {"weights": "imagenet", "backbone": LITE0}, device="cpu")
     random_ = Recipe(method, {"weights": "random", "backbone": LITE0}, device="cpu")

@@ -9,15 +9,19 @@ failure: the page needs the network), the test checks that
   TeX error, and no raw TeX delimiters (``\\(``, ``\\[``, ``$$``, ``$x$``) are left in the text;
 - nothing sticks out of the main column at a 1,400 px wide window (wide content must sit in its
   own scroll box), the page never scrolls sideways, and code cells wrap instead of scrolling;
-- the console shows no errors and no script throws.
+- the console shows no errors and no script throws;
+- every interactive figure (``adnb.interactive``: controls over precomputed frames) works without a
+  kernel: each view shows one loaded frame, and moving each control programmatically to its next
+  position shows another frame and updates the value it displays; every chapter has at least one.
 
 The first screen of each chapter and page of the book is saved as ``_build/screens/<name>.png``
 (e.g. ``02_fair_frequency_filters.png``) for a person to look at.
 
 It needs a built book (``make book PRESET=ci``), Chromium and Playwright's Python package (which
-drives the system Chromium; no browser is downloaded). Under ``make test`` it skips when any of
-them is missing; ``.ci/run`` (``make check-book``) sets ``ADNB_BROWSER_CHECK=require``, which turns
-those skips into failures.
+drives the system Chromium; no browser is downloaded). ``make check-book`` runs it (``.ci/run`` does,
+after building the book) with ``ADNB_BROWSER_CHECK=require``, which turns a missing book or browser into
+a failure; ``make test`` leaves it out (marker ``browser``), and a plain ``pytest`` skips it when any of
+them is missing.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-component-update", "--disable-sync"]
 # Sphinx's own pages: checked like the others, but they are no chapter, so no screenshot.
 NOT_CHAPTERS = {"genindex.html", "search.html", "py-modindex.html"}
+pytestmark = pytest.mark.browser
 REDIRECT = re.compile(r'<meta http-equiv="refresh" content="\d+;\s*url=([^"]+)"', re.IGNORECASE)
 
 
@@ -187,6 +192,49 @@ async () => {
 """
 
 
+# Runs after CHECKS_JS: moves every control of every interactive figure (adnb.interactive, switched by
+# _static/adnb-explore.js) one position on, and checks that a new frame shows. Returns the number of
+# figures and the problems found.
+EXPLORE_JS = r"""
+async () => {
+  const problems = [];
+  const figures = Array.from(document.querySelectorAll("figure.adnb-explore"));
+  const painted = () => new Promise((resolve) => requestAnimationFrame(() => requestAnimationFrame(resolve)));
+  const shown = (figure) => Array.from(figure.querySelectorAll(".adnb-explore-view"))
+    .map((view) => Array.from(view.querySelectorAll("img[data-keys]")).filter((img) => !img.hidden));
+  const check = (figure, when) => {
+    shown(figure).forEach((frames, i) => {
+      if (frames.length !== 1) problems.push(`${figure.dataset.name}, view ${i} ${when}: ${frames.length} frames shown, not 1`);
+      else if (!frames[0].complete || frames[0].naturalWidth === 0) problems.push(`${figure.dataset.name}, view ${i} ${when}: its frame did not load`);
+    });
+  };
+  for (const figure of figures) {
+    check(figure, "at load");
+    for (const control of figure.querySelectorAll(".adnb-explore-controls input, .adnb-explore-controls select")) {
+      const count = control.tagName === "SELECT" ? control.options.length : Number(control.max) + 1;
+      if (count < 2) continue;
+      const before = shown(figure).map((frames) => frames[0]);
+      const next = (Number(control.value) + 1) % count;
+      if (control.tagName === "SELECT") control.selectedIndex = next;
+      else control.value = String(next);
+      control.dispatchEvent(new Event("input", { bubbles: true }));
+      control.dispatchEvent(new Event("change", { bubbles: true }));
+      await painted();
+      const when = `after moving ${control.name} to position ${next}`;
+      check(figure, when);
+      if (!shown(figure).some((frames, i) => frames[0] && frames[0] !== before[i] && frames[0].src !== (before[i] || {}).src)) {
+        problems.push(`${figure.dataset.name} ${when}: no view shows another frame`);
+      }
+      const output = figure.querySelector(`output[for="${control.id}"]`);
+      const label = JSON.parse(control.dataset.labels)[next];
+      if (output && output.value !== label) problems.push(`${figure.dataset.name} ${when}: it reads "${output.value}", not "${label}"`);
+    }
+  }
+  return { figures: figures.length, problems };
+}
+"""
+
+
 @pytest.mark.parametrize("page_path", _pages() or [None], ids=lambda p: p or "no-book")
 def test_page_offline(browser_context, server, page_path):
     if page_path is None:
@@ -230,6 +278,10 @@ def test_page_offline(browser_context, server, page_path):
             SCREENS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENS / f"{Path(page_path).stem}.png"))
         problems.extend(page.evaluate(CHECKS_JS))
+        explored = page.evaluate(EXPLORE_JS)
+        problems.extend(explored["problems"])
+        if page_path.startswith("book/chapters/") and not explored["figures"]:
+            problems.append("a chapter without an interactive figure (adnb.interactive.explore)")
         page.wait_for_load_state("networkidle")  # late requests (lazy images, MathJax extensions) count too
     finally:
         page.close()

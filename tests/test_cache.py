@@ -77,3 +77,52 @@ def test_detector_restore_store_and_force_train(tmp_path):
     assert torch.equal(loaded.mean, retrained.mean)
     scores, maps = loaded.predict(images)
     assert scores.shape == (6,) and maps.shape == (6, 16, 16)
+
+
+KILLED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+
+import torch
+
+from adnb.runtime import cache
+
+entry = cache.entry("toy", {"a": 1}, "data", root=Path(sys.argv[1]))
+# The sidecar's bytes are in its temporary file, not yet renamed into place: the process dies here.
+os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
+entry.save({"w": torch.full((3,), float(sys.argv[2]))}, {"info": {"run": sys.argv[2]}})
+"""
+
+
+def test_a_write_killed_halfway_leaves_no_complete_looking_entry(tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    entry = cache.entry("toy", {"a": 1}, "data", root=tmp_path)
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(tmp_path), "1"], capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert entry.weights_path.is_file() and not entry.sidecar_path.exists()
+    assert not entry.exists()  # the weights alone are not an entry: the next run trains again
+    entry.save({"w": torch.zeros(3)}, {"info": {"run": "0"}})
+    assert entry.exists() and json.loads(entry.sidecar_path.read_text())["info"] == {"run": "0"}
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(tmp_path), "2"], capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    # a rewrite killed halfway: the old sidecar went first, so new weights never pass for the old entry
+    assert not entry.exists() and not entry.sidecar_path.exists()
+
+
+def test_atomic_writes_leave_no_temporary_file_after_an_error(tmp_path):
+    from adnb.runtime import atomic
+
+    target = tmp_path / "marker.json"
+    atomic.write_text(target, "old")
+
+    def half_then_fail(tmp):
+        tmp.write_text("ne")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic.replace_atomically(target, half_then_fail)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["marker.json"]

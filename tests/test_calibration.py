@@ -9,8 +9,9 @@ import pytest
 import torch
 from sklearn.metrics import precision_recall_curve
 
-from adnb.calibration import (Calibration, calibrate, conformal_threshold, f1_optimal_threshold, fit_calibration,
-                              holdout_indices, load_calibration, map_scale, normalise, save_calibration)
+from adnb.calibration import (Calibration, calibrate, conformal_threshold, f1_optimal_threshold, false_alarm_bound,
+                              fit_calibration, holdout_indices, load_calibration, map_scale, normalise,
+                              save_calibration)
 from adnb.evaluation import Evaluation
 from adnb.methods import baseline
 from adnb.methods.base import load_detector
@@ -70,6 +71,24 @@ def test_conformal_threshold_keeps_false_alarms_at_alpha():
     assert rate == pytest.approx(alpha, abs=0.005)
 
 
+def test_false_alarm_bound_hand_computed():
+    assert false_alarm_bound(10, 0.01) == (10, pytest.approx(1 / 11))  # too few images: the largest, 1/(n + 1)
+    assert false_alarm_bound(20, 0.01) == (20, pytest.approx(1 / 21))
+    assert false_alarm_bound(99, 0.01) == (99, pytest.approx(0.01))  # the first n that reaches 1 %
+    assert false_alarm_bound(199, 0.01) == (198, pytest.approx(2 / 200))
+    assert false_alarm_bound(19, 0.1) == (18, pytest.approx(2 / 20))  # (n + 1)(1 − α) = 18 in floats too
+    with pytest.raises(AdnbError, match="at least one"):
+        false_alarm_bound(0)
+
+
+def test_the_largest_of_n_normal_scores_is_exceeded_by_a_new_one_with_probability_1_over_n_plus_1():
+    rng = np.random.default_rng(1)
+    n, trials = 10, 40000
+    held, fresh = rng.gumbel(size=(trials, n)), rng.gumbel(size=trials)
+    rate = float(np.mean(fresh >= np.array([conformal_threshold(h) for h in held])))
+    assert rate == pytest.approx(false_alarm_bound(n)[1], abs=0.005)  # 1/11 ≈ 0.091, not α = 0.01
+
+
 def calibration(**changes) -> Calibration:
     base = dict(n=3, mean=2.0, std=1.0, min=0.0, max=4.0, quantiles={}, threshold=4.0, source="normal-conformal",
                 low=0.0, high=10.0, map_low=0.0, map_high=1.0)
@@ -111,12 +130,29 @@ def test_fit_calibration_statistics_and_threshold_sources():
     assert cal.std == pytest.approx(np.std([1, 2, 3, 4]))
     assert cal.quantiles["0.5"] == pytest.approx(2.5)
     assert cal.source == "normal-conformal" and cal.threshold == 4.0 and (cal.low, cal.high) == (1.0, 4.0)
+    assert (cal.k, cal.false_alarm_bound) == (4, pytest.approx(1 / 5)) and cal.f1_threshold is None
+    assert "the largest of 4 held-out normal scores" in cal.describe() and "1/5 = 20.0%" in cal.describe()
+    assert "the 1% target needs 99 held-out images" in cal.describe()
     test_scores, test_labels = [0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]
     cal = fit_calibration(normal, maps, test_scores, test_labels)
-    assert cal.source == "f1" and cal.threshold == 0.35 and cal.f1 == pytest.approx(0.8) and cal.n_test == 4
-    assert (cal.low, cal.high) == (0.1, 4.0)  # the range covers the test scores too
-    # a test set with one class only cannot give an F1 threshold: the normal-only rule applies
-    assert fit_calibration(normal, maps, [1.0, 2.0], [0, 0]).source == "normal-conformal"
+    # labels never set the default threshold: the F1-optimal one is kept beside it, for --threshold f1-test
+    assert cal.source == "normal-conformal" and cal.threshold == 4.0
+    assert cal.f1_threshold == 0.35 and cal.f1 == pytest.approx(0.8) and cal.n_test == 4
+    assert (cal.low, cal.high) == (0.1, 4.0)  # the normalisation's range covers the test scores too
+    optimistic = cal.f1_test()
+    assert optimistic.threshold == 0.35 and optimistic.source == "f1-test" and "optimistic" in optimistic.describe()
+    assert fit_calibration(normal, maps, [1.0, 2.0], [0, 0]).f1_threshold is None
+    with pytest.raises(AdnbError, match="no test-set F1 threshold"):
+        fit_calibration(normal, maps).f1_test()
+
+
+def test_an_older_calibration_with_the_test_threshold_reads_back_with_the_normal_one():
+    old = {**calibration(n=20, max=7.0, threshold=3.0, source="f1", f1=0.9, n_test=83).to_dict()}
+    for key in ("k", "false_alarm_bound", "f1_threshold"):
+        old.pop(key)
+    cal = Calibration.from_dict(old)
+    assert (cal.threshold, cal.source, cal.f1_threshold) == (7.0, "normal-conformal", 3.0)
+    assert cal.false_alarm_bound == pytest.approx(1 / 21)
 
 
 def test_calibration_json_round_trip():
@@ -166,8 +202,9 @@ def test_calibrate_a_detector_and_store_it_in_the_sidecar(trained):
     labels = np.array([0] * 6 + [1] * 6)
     evaluation = Evaluation({}, pred.scores.numpy(), labels, [], pred.maps, test, None, "model", "", 0.0)
     cal = calibrate(detector, held, evaluation)
-    assert cal.source == "f1" and cal.f1 == 1.0  # the bright square is easy to separate
-    assert cal.threshold == pytest.approx(float(pred.scores[6:].min()))  # the lowest threshold reaching F1 = 1
+    assert cal.source == "normal-conformal" and cal.threshold == pytest.approx(expected.max())
+    assert cal.f1 == 1.0  # the bright square is easy to separate
+    assert cal.f1_threshold == pytest.approx(float(pred.scores[6:].min()))  # the lowest threshold reaching F1 = 1
     assert cal.map_high >= float(np.median(pred.maps[6:].flatten(1).amax(1).numpy())) - 1e-6
 
     sidecar = save_calibration(checkpoint, cal)
@@ -192,3 +229,21 @@ def test_calibrate_a_tiled_split_scores_whole_images(trained, tmp_path):
 def test_missing_sidecar_is_a_clear_error(tmp_path):
     with pytest.raises(AdnbError, match="no checkpoint sidecar"):
         load_calibration(tmp_path / "weights.pt")
+
+
+def test_a_calibration_write_killed_halfway_keeps_the_sidecar_whole(trained, monkeypatch):
+    import os
+
+    detector, checkpoint, rng = trained
+    sidecar = checkpoint.with_suffix(".json")
+    before = sidecar.read_text()
+
+    def killed(fd):  # the new sidecar's bytes are written, the rename has not happened
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_calibration(checkpoint, calibrate(detector, make_images(rng, 4, 16)))
+    monkeypatch.undo()
+    assert sidecar.read_text() == before and load_calibration(checkpoint) is None
+    assert sorted(p.name for p in sidecar.parent.iterdir()) == ["weights.json", "weights.pt"]

@@ -34,6 +34,12 @@ def checkpoint(dataset, tmp_path):
     return str(cache.weights_path)
 
 
+def rows_of(path):
+    """scores.csv's rows (its first line, '# threshold …', left out)."""
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(line for line in fh if not line.startswith("#")))
+
+
 def test_train_prints_a_checkpoint_that_score_reads(dataset, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ADNB_HOME", str(tmp_path / "home"))
     assert cli.main(["train", "baseline", "--preset", "ci", "--data-root", str(dataset), "--category", "washer",
@@ -44,7 +50,7 @@ def test_train_prints_a_checkpoint_that_score_reads(dataset, tmp_path, monkeypat
     out = tmp_path / "scores"
     assert cli.main(["score", "--checkpoint", checkpoint, str(dataset / "washer" / "test" / "good"),
                      "--out", str(out)]) == 0
-    assert len(list(csv.DictReader(open(out / "scores.csv")))) == 2
+    assert len(rows_of(out / "scores.csv")) == 2
 
 
 def test_scorer_maps_come_back_at_each_images_own_size(checkpoint, tmp_path):
@@ -64,7 +70,7 @@ def test_score_command_writes_csv_and_overlays(checkpoint, dataset, tmp_path):
     good = dataset / "washer" / "test" / "good"
     assert cli.main(["score", "--checkpoint", checkpoint, str(good), str(dataset / "washer" / "test" / "stain"),
                      "--out", str(out), "--threshold", "5"]) == 0
-    rows = list(csv.DictReader(open(out / "scores.csv")))
+    rows = rows_of(out / "scores.csv")
     assert len(rows) == 3 and {r["anomalous"] for r in rows} <= {"0", "1"}
     for row in rows:
         overlay = cv2.imread(str(out / row["overlay"]))

@@ -1,5 +1,7 @@
 """Precision: the choice per device, the autocast helpers, and the blocks that must stay fp32 under bf16."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,13 +21,22 @@ def smooth_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
     return F.interpolate(torch.rand(n, 3, size // 4, size // 4, generator=g), size=(size, size), mode="bilinear")
 
 
+def emulation_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, precision.EmulatedPrecisionWarning)]
+
+
 @pytest.mark.parametrize(("flags", "expected"), [({"avx2", "avx512f"}, "fp32"), ({"avx512f", "avx512_bf16"}, "bf16"),
                                                  ({"amx_tile", "amx_bf16"}, "bf16")])
 def test_auto_takes_bf16_only_on_cpus_that_have_it(monkeypatch, flags, expected):
+    monkeypatch.delenv(precision.CPU_BF16_ENV, raising=False)
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(precision, "_warned", set())
     assert precision.resolve_precision("auto", "cpu") == expected
     assert precision.resolve_precision("fp32", "cpu") == "fp32"
-    assert precision.resolve_precision("bf16", "cpu") == "bf16"  # an explicit choice is honoured (emulated if need be)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert precision.resolve_precision("bf16", "cpu") == "bf16"  # an explicit choice is honoured, even emulated
+    assert len(emulation_warnings(caught)) == (expected == "fp32")  # ... and then said
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer for a GPU without bf16")
@@ -33,6 +44,34 @@ def test_a_gpu_without_bf16_gets_fp16_and_refuses_bf16():
     assert precision.resolve_precision("auto", "cuda") == "fp16"
     with pytest.raises(AdnbError, match="no bf16"):
         precision.resolve_precision("bf16", "cuda")
+
+
+def test_emulated_precisions_warn_once_with_the_cost_and_the_fix(monkeypatch):
+    monkeypatch.delenv(precision.CPU_BF16_ENV, raising=False)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "fma"}))  # a CPU without 16-bit arithmetic
+    monkeypatch.setattr(precision, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert precision.resolve_precision("auto", "cpu") == "fp32"  # auto never picks an emulated precision
+        assert emulation_warnings(caught) == []
+        for _ in range(3):
+            assert fair.FAIR(fair.FairConfig(image_size=32, width=4, precision="bf16")).precision == "bf16"
+        assert precision.resolve_precision("fp16", "cpu") == "fp16"
+    messages = emulation_warnings(caught)
+    assert [m.split(" on ")[0] for m in messages] == ["precision bf16", "precision fp16"]  # one each
+    assert all("× slower training" in m and "precision auto" in m for m in messages)
+
+
+def test_native_precisions_do_not_warn(monkeypatch):
+    monkeypatch.delenv(precision.CPU_BF16_ENV, raising=False)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512f", "amx_bf16", "amx_fp16"}))
+    monkeypatch.setattr(precision, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for choice in ("auto", "fp32", "bf16", "fp16"):
+            precision.resolve_precision(choice, "cpu")
+        precision.resolve_precision("bf16", "meta")  # not a CPU: its own rules
+    assert emulation_warnings(caught) == []
 
 
 def test_unknown_precisions_are_refused():

@@ -221,6 +221,19 @@ def test_tiny_fit_lowers_the_loss_and_round_trips_through_a_checkpoint(tmp_path)
     assert again.train_seconds == model.train_seconds
 
 
+def test_training_never_reads_the_template():
+    """What lets the chapter's "without latent template" ablation reuse the full model's flow."""
+    images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    config = replace(TINY, epochs=2, volume_norm="svn")
+    mean, single = fit(config, images), fit(replace(config, template="single"), images)
+    flow = {k: v for k, v in mean.state_dict().items() if not k.startswith("template")}
+    assert all(torch.equal(v, single.state_dict()[k]) for k, v in flow.items())
+    assert not torch.equal(mean.template0, single.template0)
+    single.fit_template(images)  # the variant as the chapter builds it: the first image's latent
+    with torch.no_grad():
+        assert torch.equal(single.template0, single(images[:1])[0][0])
+
+
 def test_pretrained_variant_builds_its_pyramid_on_frozen_encoder_features():
     params = {"image_size": 64, "levels": 0, "volume_norm": "auto", "encoder": "tf_efficientnet_lite0",
               "weights": "random", "stacks": 1, "kernel_size": 3}

@@ -3,6 +3,7 @@ records never collide silently, and the recipe knows no method by name."""
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -13,9 +14,9 @@ import numpy as np
 import pytest
 
 from adnb.data import default_dataset
-from adnb.methods import METHODS
+from adnb.methods import names
 from adnb.methods.base import Prepared, build_detector
-from adnb.recipe import Recipe, holdout_count, parameters
+from adnb.recipe import Recipe, holdout_count, parameter_names, parameters
 from adnb.runtime.errors import AdnbError
 from adnb.runtime.notebook import open_categories
 from adnb.runtime.presets import list_presets
@@ -46,6 +47,22 @@ def bottle_shaped(tmp_path_factory) -> Path:
     return root
 
 
+def test_only_a_methods_own_module_names_it():
+    """Recipe, presets, runner, bench, train-all and report learn the methods from their declarations
+    (``adnb.methods.registry``): no module outside ``adnb/methods`` names one in its code (docstrings may)."""
+    methods = set(names())
+    for path in (REPO / "adnb").rglob("*.py"):
+        if path.parent.name == "methods":
+            continue
+        tree = ast.parse(path.read_text())
+        documents = {id(node.body[0].value) for node in ast.walk(tree)
+                     if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                     and node.body and isinstance(node.body[0], ast.Expr)}
+        named = [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and node.value in methods
+                 and id(node) not in documents]
+        assert not named, f"{path.relative_to(REPO)} names {named}: declare it in the method's MethodSpec instead"
+
+
 def test_no_special_case_for_a_method():
     found = subprocess.run(["grep", "-rnE", "method (==|!=|in \\()", str(REPO / "adnb")], capture_output=True,
                            text=True).stdout
@@ -53,7 +70,7 @@ def test_no_special_case_for_a_method():
 
 
 @pytest.mark.parametrize("preset", list_presets())
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", names())
 def test_every_method_and_preset_resolves_to_a_buildable_model(method, preset, bottle_shaped):
     """The command line's parameters (chapter defaults ⊕ preset) give a complete config — "auto" choices
     resolved — for the embedded dataset and a bottle-shaped folder, and the model builds from it."""
@@ -81,7 +98,8 @@ def test_chapter_parameters_are_the_cli_parameters():
     from adnb.runtime.presets import load_preset
     from adnb.runtime.runner import chapter_parameters, notebook_defaults
 
-    for method, chapter in (("fair", "fair"), ("realnet", "realnet"), ("knn", "benchmark")):
+    for method, chapter in (("fair", "fair"), ("realnet", "realnet"), ("patchcore", "benchmark"),
+                            ("padim", "benchmark")):
         namespace = {**notebook_defaults(chapter), **load_preset("ci", chapter), "unrelated": 1}
         assert chapter_parameters(chapter, namespace) == parameters(method, "ci")
 
@@ -137,3 +155,52 @@ def test_the_cache_entry_counts_the_training_images_without_reading_them(max_tra
     assert recipe.n_train(washer) == len(train) and held is not None
     monkeypatch.setattr(type(washer), "load", lambda *a, **k: pytest.fail("an image was read"))
     assert recipe.cache_entry(washer, config=config, prepared=Prepared()).folder.parent.name == "baseline"
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "fair", "--preset", "ci", "-p", "wdith", "32"],
+    ["bench", "fair", "--size", "32", "--device", "cpu", "-p", "wdith", "4"],
+    ["train-all", "--preset", "ci", "--methods", "fair", "baseline", "-p", "wdith", "4"],
+    ["train-all", "--preset", "ci", "-p", "fair.wdith", "4"],
+    ["run", "fair", "--preset", "ci", "-p", "wdith", "4"],
+], ids=lambda argv: " ".join(argv[:2]) + (" (scoped)" if "fair.wdith" in argv else ""))
+def test_every_command_refuses_an_unknown_parameter_naming_the_valid_ones(argv, tmp_path, monkeypatch, capsys):
+    from adnb.cli import main
+
+    monkeypatch.setenv("ADNB_HOME", str(tmp_path))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "unknown parameter(s) " in err and "wdith" in err and "width" in err.split("valid:")[1]
+    assert not (tmp_path / "weights").exists()  # refused before anything trained
+
+
+def test_parameters_check_the_overrides_in_one_place():
+    with pytest.raises(AdnbError, match=r"unknown parameter\(s\) wdith for fair \(the parameters of 02_fair"):
+        parameters("fair", "ci", {"wdith": 32})
+    with pytest.raises(AdnbError, match="parameter width='wide' of fair .* should be int"):
+        parameters("fair", "ci", {"width": "wide"})
+    assert parameters("fair", "ci", {"width": 32})["width"] == 32
+    assert "width" in parameter_names("fair") and "box" in parameter_names("baseline")
+    from adnb.schedule import overrides_for
+
+    # train-all: an unscoped key applies to the methods whose chapter has it (and plan refuses one that none has)
+    assert overrides_for("fair", {"width": 8, "box": 3}) == {"width": 8}
+    assert overrides_for("baseline", {"width": 8, "box": 3}) == {"box": 3}
+
+
+def test_precision_auto_is_one_cache_key_whoever_resolves_it(tmp_path, monkeypatch):
+    """A driver without native bf16 and a worker with it ask for the same model under ``precision: auto``: one
+    config hash, one cache entry; each detector resolves the arithmetic on its own device, and the record
+    states the one training ran at."""
+    monkeypatch.setenv("ADNB_HOME", str(tmp_path))
+    [washer] = open_categories(str(default_dataset()), "washer")
+    seen = {}
+    for native in ("0", "1"):  # adnb.runtime.precision reads ADNB_CPU_BF16 in place of the CPU's flags
+        monkeypatch.setenv("ADNB_CPU_BF16", native)
+        recipe = Recipe.from_preset("fair", "ci", {"precision": "auto"}, device="cpu")
+        config = recipe.config(washer)
+        entry = recipe.cache_entry(washer, config=config, prepared=Prepared())
+        seen[native] = recipe.config_hash(config, Prepared()), entry.folder, build_detector("fair", config).precision
+    assert seen["0"][:2] == seen["1"][:2]
+    assert (seen["0"][2], seen["1"][2]) == ("fp32", "bf16")
+

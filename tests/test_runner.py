@@ -125,3 +125,24 @@ def test_relative_folders_mean_the_callers_working_folder(tmp_path, monkeypatch)
     assert given["data_root"] == str(tmp_path.parent / "data" / "mvtec_ad")  # the name (mvtec_ad) kept as typed
     assert given["texture_dir"] == str(Path.home() / "dtd")
     assert given["category"] == "bottle" and given["dtd_root"] == ""  # not folders, or not given
+
+
+def test_a_book_build_keeps_every_record_it_did_not_write(tmp_path, monkeypatch):
+    from adnb.runtime import paths
+    from adnb.runtime.records import make_record, write_record
+
+    mine = write_record(make_record(method="fair", dataset="embedded", category="weave", preset="ci", device="cpu",
+                                    image_size=8, metrics={"image_auroc": 0.5, "pixel_auroc": None, "aupro": None},
+                                    intervals={"image_auroc": [0.4, 0.6], "pixel_auroc": None, "aupro": None},
+                                    train_seconds=0, infer_images_per_s=0, n_params=0, weights={}, checkpoint=None,
+                                    config_hash="written-by-train"))
+    assert mine.parent.parent.parent.parent == paths.results_dir()  # what `train` and `run` write
+    previous = paths.book_results_dir() / "ci" / "fixture" / "none" / "stale.json"
+    previous.parent.mkdir(parents=True)
+    previous.write_text("{}")
+    monkeypatch.setattr(runner, "toc_chapters", lambda: [(FIXTURE, tmp_path / "chapters" / FIXTURE.name)])
+    [result] = runner.build("ci")
+    assert mine.is_file()  # the user's record is untouched
+    assert result.records == [paths.book_results_dir() / "ci" / "fixture" / "none" / "tiny-fixture.json"]
+    assert not previous.exists()  # the previous build's record of this preset is replaced
+    assert "ADNB_RESULTS" not in __import__("os").environ

@@ -23,6 +23,7 @@ from adnb.runtime import paths
 from adnb.runtime.errors import AdnbError
 from adnb.runtime.notebook import open_categories
 from adnb.schedule import Job, Outcome, Planned, Task
+from adnb.schedule.worker import captured
 
 REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = ["capsule", "stone"]
@@ -35,8 +36,8 @@ def offline(monkeypatch):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    """The embedded dataset, generated once for the module; every home below links to it."""
-    return default_dataset(root=tmp_path_factory.mktemp("data"))
+    """The embedded dataset the suite shares (``ADNB_DATA``, see conftest); every home below links to it."""
+    return default_dataset()
 
 
 def new_home(folder: Path, dataset: Path) -> Path:
@@ -129,18 +130,28 @@ def test_a_chapters_named_variant_is_a_job_of_its_own(home):
 
 
 def test_planning_never_trains_a_shared_preparation(home):
-    """RealNet's SDAS model serves the whole dataset: planning stops at its missing entry, and every
-    RealNet job of the dataset waits on that same entry."""
+    """RealNet's SDAS model serves the whole dataset: asked to plan only, its ``prepare`` names the missing
+    entry (and the key the models will have) without training it, and every RealNet job of the dataset waits
+    on that same entry."""
     planned = schedule.plan(["realnet"], "ci", categories=CATEGORIES)
     shares = {p.shares for p in planned}
     assert len(shares) == 1 and "sdas" in shares.pop()
-    assert not any(p.trained or p.entry for p in planned)
-    assert not list((home / "weights").rglob("weights.pt")), "planning trained something"
+    assert not any(p.trained for p in planned) and all(p.entry.startswith("realnet/model-") for p in planned)
+    assert not list((home / "weights").rglob("weights.*")), "planning made something"
+
+
+def test_planning_patches_nothing():
+    """Planning asks the methods to plan (``prepare(plan=True)``): no class of the package is patched to stop a
+    training, and no environment is swapped wholesale."""
+    for path in (REPO / "adnb" / "schedule").glob("*.py"):
+        source = path.read_text()
+        assert not re.search(r"^\s*[A-Z]\w*\.\w+ = ", source, re.M), f"{path.name} assigns to a class attribute"
+        assert "os.environ.clear" not in source, path.name
 
 
 def test_no_ray_import_outside_its_executor():
-    source = (REPO / "adnb" / "schedule.py").read_text()
-    assert not re.search(r"^(import ray|from ray)", source, re.M)
+    for path in (REPO / "adnb" / "schedule").glob("*.py"):  # Ray is imported inside RayExecutor only
+        assert not re.search(r"^(import ray|from ray)", path.read_text(), re.M), path.name
     code = ("import sys; import adnb.cli, adnb.schedule; from adnb.cli import build_parser; "
             "build_parser().parse_args(['train-all', '--preset', 'ci']); assert 'ray' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -306,7 +317,7 @@ def ray_run(tmp_path_factory, dataset) -> tuple[Path, schedule.Report, str, str]
     root = tmp_path_factory.mktemp("ray")
     driver, worker = new_home(root / "driver", dataset), new_home(root / "worker", dataset)
     out, fds = io.StringIO(), root / "fds.txt"
-    with home_set(driver), schedule._captured(fds):
+    with home_set(driver), captured(fds):
         report = schedule.train_all(["baseline", "fair"], "ci", categories=CATEGORIES, executor="ray", ray_cpus=2,
                                     worker_home=str(worker), out=out)
     return driver, report, out.getvalue(), fds.read_text()
@@ -342,3 +353,38 @@ def test_the_chapter_loads_what_train_all_trained(ray_run, tmp_path):
     assert record["checkpoint"] == ours["checkpoint"]
     after = weights_mtimes(driver)
     assert {p: after[p] for p in before} == before, "the chapter retrained a model train-all made"
+
+
+@pytest.fixture
+def tiny_method(tmp_path, monkeypatch) -> Iterator[Path]:
+    """The test suite's third-party method ``tiny`` installed for this process and the workers it starts,
+    set to kill the first worker that reaches its second epoch; yields the file that records the kill."""
+    from adnb.methods import registry
+    from third_party_site import install
+
+    sys.modules.pop("tiny_method", None)
+    site = install(tmp_path / "site")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setenv("TINY_KILL_AT_EPOCH", "1")
+    monkeypatch.setenv("TINY_KILL_MARKER", str(tmp_path / "killed"))
+    yield tmp_path / "killed"
+    sys.modules.pop("tiny_method", None)
+
+
+@pytest.mark.slow
+def test_a_local_worker_killed_mid_job_is_reported_with_its_log_and_resumed_next_time(home, tiny_method):
+    """Two jobs side by side; the worker of one is SIGKILLed in its second epoch. It is reported with the log
+    it left, the other finishes (each job has a process of its own), and the next call resumes it."""
+    jobs = {"categories": ["capsule"], "overrides": {"tiny.epochs": 3}}
+    report = schedule.train_all(["tiny", "baseline"], "ci", jobs=2, out=io.StringIO(), **jobs)
+    assert tiny_method.is_file(), "no worker was killed: the test tested nothing"
+    [(failed, why)] = report.failed
+    assert failed.job.method == "tiny" and "worker process died" in why and "killing this worker" in why
+    assert [p.job.method for p in report.trained] == ["baseline"]
+
+    again = schedule.train_all(["tiny", "baseline"], "ci", out=io.StringIO(), **jobs)
+    assert [p.job.method for p in again.trained] == ["tiny"] and len(again.skipped) == 1 and not again.failed
+    log = (home / "logs/train-all/ci/tiny-embedded-capsule.log").read_text()
+    assert "resuming from the checkpoint after epoch 1/3" in log, log

@@ -193,7 +193,39 @@ def folder(tmp_path):
 
 def rows_of(out):
     with open(out / "scores.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
+        return list(csv.DictReader(line for line in fh if not line.startswith("#")))
+
+
+def test_the_csv_and_help_state_the_default_thresholds_false_alarm_bound(checkpoints, folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["score", "--checkpoint", checkpoints["calibrated"], str(folder), "--out", str(out)]) == 0
+    first = (out / "scores.csv").read_text().splitlines()[0]
+    # 8 held-out normal images: the largest of their scores, exceeded by a new normal one with P ≤ 1/9
+    assert first.startswith("# threshold ") and "the largest of 8 held-out normal scores" in first
+    assert "at most 1/9 = 11.1%" in first and first[2:] in capsys.readouterr().err
+    import pandas as pd
+
+    assert len(pd.read_csv(out / "scores.csv", comment="#")) == 10
+    with pytest.raises(SystemExit):
+        cli.main(["score", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    from adnb.calibration import CONFORMAL_ALPHA, false_alarm_bound
+    from adnb.recipe import DEFAULT_HOLDOUT, MAX_HOLDOUT
+
+    for n in (10, MAX_HOLDOUT):  # the help's examples are the rule's values at the default hold-out
+        assert f"1/{n + 1} = {false_alarm_bound(n, CONFORMAL_ALPHA)[1]:.1%}".replace("%", " %") in text
+    assert f"({DEFAULT_HOLDOUT:.0%} of train/good, 2 to {MAX_HOLDOUT} images".replace("%", " %") in text
+    assert "--threshold f1-test" in text and "optimistic" in text
+
+
+def test_the_test_set_threshold_only_on_request(checkpoints, folder, tmp_path, capsys):
+    # this checkpoint's calibration had no labelled test set: there is no F1 threshold to give
+    assert cli.main(["score", "--checkpoint", checkpoints["calibrated"], str(folder), "--out", str(tmp_path / "o"),
+                     "--threshold", "f1-test"]) == 2
+    assert "no test-set F1 threshold" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["score", "--checkpoint", checkpoints["calibrated"], str(folder), "--threshold", "f1"])
+    assert "neither a number nor f1-test" in capsys.readouterr().err
 
 
 def test_score_writes_calibrated_rows_and_names_every_skipped_file(checkpoints, folder, tmp_path, capsys):

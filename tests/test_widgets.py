@@ -1,13 +1,25 @@
-"""The FAIR chapter's sliders: live in JupyterLab (`make lab`), skipped in batch runs.
+"""The chapters' interactive figures, live: what a reader gets in JupyterLab (`make lab`).
 
-Batch runs (the book, the notebook suite) set ``ADNB_BATCH=1``, so the slider code never runs
-there. These tests run it: the chapter executes headless with ``ADNB_BATCH=0`` (as in a reader's
-JupyterLab, minus the screen) and the sliders must be built and their callback must draw without
-error; and JupyterLab must have the widget extension that renders them.
+Batch runs (the book, the notebook suite) set ``ADNB_BATCH=1`` and get each interactive figure as
+precomputed frames (``tests/test_browser.py`` moves those in the built book). Here every chapter runs
+headless with ``ADNB_BATCH=0``, as in a reader's JupyterLab minus the screen, up to its last
+interactive figure (at ci, with the models the notebook suite trained in the same ``ADNB_HOME``
+loaded from the cache), and a last cell, in the
+same kernel, moves every control of every interactive figure the chapter displayed to each other
+value of its grid, starting each time from the figure as the chapter showed it: each move must
+redraw the views that take that control, with a new picture and no error. And JupyterLab must have
+the widget extension that renders them.
+
+The chapter-by-chapter check executes every chapter a second time (about 7 minutes at ci on 2 cores), so it
+is opt-in: ``make test-live`` (marker ``live``). ``make test`` covers the same callbacks without it: the book
+build calls every view of every figure for every value of its grid (the frames), the browser check moves the
+frames, and ``tests/test_interactive.py`` drives the live widgets' wiring headless.
 """
 
 from __future__ import annotations
 
+import ast
+import json
 import re
 import subprocess
 import sys
@@ -19,45 +31,89 @@ from adnb.runtime import runner
 from adnb.runtime.presets import load_preset
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
-WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+CHAPTERS = [source for source, _ in runner.toc_chapters()]
+
+# Runs in the chapter's kernel after its last cell; prints one JSON line for the test to read.
+DRIVE = '''
+import json as _json
+
+from adnb import interactive as _interactive
+
+_moves = []
+for _figure in _interactive.SHOWN:
+    for _control in _figure.controls:
+        _widget = _figure.inputs[_control.name]
+        _views = [i for i, v in enumerate(_figure.views) if _control.name in _interactive.view_controls(v)]
+        _start = _widget.value
+        for _value in _control.values:
+            if _value == _start:
+                continue
+            _before = {i: _figure.last.get(i) for i in _views}
+            _widget.value = _value
+            _moves.append({"figure": _figure.name, "control": _control.name, "value": repr(_value),
+                           "changed": [i for i in _views if _figure.last.get(i) != _before[i]]})
+            _widget.value = _start  # each move starts from the figure as the chapter showed it
+print("DRIVEN " + _json.dumps({"figures": [f.name for f in _interactive.SHOWN], "live": [bool(f.inputs) for f in _interactive.SHOWN],
+                               "errors": [e for f in _interactive.SHOWN for e in f.errors], "moves": _moves}))
+'''
 
 
-@pytest.mark.notebook
-def test_fair_sliders_work_headless(tmp_path, monkeypatch):
+@pytest.mark.live
+@pytest.mark.parametrize("source", CHAPTERS, ids=lambda p: p.stem)
+def test_live_figures_redraw_when_moved(source, tmp_path, monkeypatch):
     import papermill
 
-    source = runner.find_notebook("fair")
-    parameters = load_preset("ci", source)
+    nb = nbformat.read(source, as_version=4)
+    # The chapter up to its last interactive figure: what follows (every category, ablations) cannot change
+    # a figure already shown (test_views_read_no_name_a_later_cell_rebinds), and costs most of the run.
+    last = max(i for i, c in enumerate(nb.cells) if c.cell_type == "code" and "explore(" in c.source)
+    nb.cells = [*nb.cells[:last + 1], nbformat.v4.new_code_cell(DRIVE)]
+    driven = tmp_path / source.name
+    nbformat.write(nb, driven)
     monkeypatch.setenv("ADNB_BATCH", "0")  # the kernel inherits this: the interactive branch runs
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     monkeypatch.delenv("ADNB_RECORD_LOG", raising=False)
-    output = tmp_path / source.name
-    papermill.execute_notebook(str(source), str(output), parameters=parameters, kernel_name="python3",
-                               cwd=str(source.parent), progress_bar=False)
+    output = tmp_path / f"out_{source.name}"
+    papermill.execute_notebook(str(driven), str(output), parameters=load_preset("ci", source), kernel_name="python3",
+                               cwd=str(source.parent), progress_bar=False, execution_timeout=1200)
 
-    nb = nbformat.read(output, as_version=4)
-    cells = [c for c in nb.cells if c.cell_type == "code" and "widgets.interact" in c.source]
-    assert len(cells) == 1, f"expected one slider cell (widgets.interact) in {source.name}, found {len(cells)}"
-    assert any(WIDGET_VIEW in out.get("data", {}) for out in cells[0].outputs), \
-        "the slider cell displayed no widget with ADNB_BATCH=0: its interactive branch did not run"
+    executed = nbformat.read(output, as_version=4)
+    printed = "".join(out.get("text", "") for out in executed.cells[-1].outputs if out.get("output_type") == "stream")
+    report = json.loads(printed.split("DRIVEN ", 1)[1])
+    assert report["figures"], f"{source.name} displayed no interactive figure (adnb.interactive.explore)"
+    assert all(report["live"]), f"{source.name}: figures shown as frames, not widgets, with ADNB_BATCH=0: {report['figures']}"
+    explore_cells = [c for c in executed.cells[:-1] if c.cell_type == "code" and "explore(" in c.source]
+    for cell in explore_cells:
+        assert any(WIDGET_VIEW in out.get("data", {}) for out in cell.outputs), f"no widget displayed by:\n{cell.source[:300]}"
+    assert not report["errors"], f"a view raised when its control moved: {report['errors']}"
+    assert report["moves"], f"{source.name}: no control has a second value to move to"
+    still = [m for m in report["moves"] if not m["changed"]]
+    assert not still, f"moving these controls redrew no view with a new picture: {still}"
 
-    state = nb.metadata.get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
-    sliders = {model["state"].get("description"): model["state"] for model in state.values()
-               if model["model_name"] in ("FloatSliderModel", "IntSliderModel")}
-    assert {"D0", "order n"} <= set(sliders), f"sliders found: {sorted(sliders)}"
-    # A default outside the slider's range would be clamped silently: the first figure would not
-    # show the chapter's own D0.
-    assert sliders["D0"]["value"] == pytest.approx(parameters.get("d0", 30.0)), \
-        f"the D0 slider starts at {sliders['D0']['value']}, not the chapter's d0 (outside {sliders['D0']['min']}–{sliders['D0']['max']}?)"
 
-    # interact() shows the callback's output in an Output widget: a failing callback does not fail
-    # the cell, it leaves an error there.
-    shown = [out for model in state.values() if model["model_name"] == "OutputModel"
-             for out in model["state"].get("outputs", [])]
-    errors = [f"{out.get('ename')}: {out.get('evalue')}" for out in shown if out.get("output_type") == "error"]
-    assert not errors, f"the slider callback raised: {errors}"
-    assert any("image/png" in out.get("data", {}) for out in shown), "the slider callback drew no figure"
+def _stored_names(source: str) -> set[str]:
+    tree = ast.parse(source)
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)} | {
+        n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+
+
+@pytest.mark.parametrize("source", CHAPTERS, ids=lambda p: p.stem)
+def test_views_read_no_name_a_later_cell_rebinds(source):
+    """A live figure redraws long after its cell ran: a view that reads a global some later cell assigns
+    again (``shown = ...`` three sections on) draws from the wrong value, or fails, once the chapter
+    has run; the book's frames, drawn at once, would never show it."""
+    code = [c.source for c in nbformat.read(source, as_version=4).cells if c.cell_type == "code"]
+    for i, cell in enumerate(code):
+        if "explore(" not in cell:
+            continue
+        read: set[str] = set()
+        for view in (n for n in ast.parse(cell).body if isinstance(n, ast.FunctionDef)):
+            own = {a.arg for a in view.args.args} | {n.id for n in ast.walk(view) if isinstance(n, ast.Name)
+                                                      and isinstance(n.ctx, ast.Store)}
+            read |= {n.id for n in ast.walk(view) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)} - own
+        rebound = read & set().union(*(_stored_names(later) for later in code[i + 1:]))
+        assert not rebound, f"{source.name}: a view of the cell starting {cell[:60]!r} reads {sorted(rebound)}, which later cells assign again"
 
 
 def test_jupyterlab_has_the_widget_extension():

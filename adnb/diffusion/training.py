@@ -4,22 +4,26 @@ The objective is DDPM's simplified loss (Ho et al. 2020, Eq. 14):
 
     L = E_{x_0, t ~ U{0..T−1}, ε ~ N(0, I)} ‖ ε − ε_θ(√ᾱ_t · x_0 + √(1 − ᾱ_t) · ε, t) ‖².
 
-``fit_denoiser`` runs it over shuffled mini-batches through ``adnb.runtime.cache.train_loop``, so
-every epoch is checkpointed and an interrupted run resumes. Its randomness (order, t, ε) comes
-from torch's global CPU generator, which the checkpoint saves: a resumed run continues exactly.
+``DenoiserTraining`` holds its training, a step being one mini-batch (``adnb.runtime.training``: what
+a method's ``fit`` loops over and ``adnb bench`` times); ``fit_denoiser`` runs it over shuffled
+mini-batches through ``adnb.runtime.cache.train_loop``, so every epoch is checkpointed and an
+interrupted run resumes. Its randomness (order, t, ε) comes from one generator, which the
+checkpoint saves: a resumed run continues exactly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from adnb.diffusion.schedule import Schedule, q_sample
-from adnb.runtime.cache import CacheEntry, GeneratorState, train_loop
+from adnb.runtime.cache import CacheEntry, GeneratorState
 from adnb.runtime.precision import autocast, grad_scaler, optimiser_step
+from adnb.runtime.training import Training
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -42,33 +46,49 @@ def epsilon_loss(model: nn.Module, schedule: Schedule, x0: torch.Tensor, t_max: 
     return F.mse_loss(model_eps(model, q_sample(schedule, x0, t, noise), t).float(), noise)
 
 
+class DenoiserTraining(Training):
+    """Training ``model`` on ``samples`` (N × …, on the model's device) as a ``Training``: each epoch
+    visits every sample once in a random order, in batches of ``batch_size`` (the last short batch is
+    kept, since anomaly-detection training sets are small); a step is ``loss`` at ``precision`` (the
+    loss itself fp32) and one update of ``optimizer``."""
+
+    what = "epsilon-prediction MSE on a batch; one optimiser update"
+
+    def __init__(self, model: nn.Module, samples: torch.Tensor, schedule: Schedule, *, batch_size: int,
+                 optimizer: torch.optim.Optimizer,
+                 loss: Callable[[nn.Module, Schedule, torch.Tensor], torch.Tensor] = epsilon_loss,
+                 generator: torch.Generator | None = None, precision: str = "fp32"):
+        self.detector = self.model = model
+        self.samples, self.schedule, self.batch_size = samples, schedule, batch_size
+        self.n_images = samples.shape[0]
+        self.optimizer, self.loss, self.precision = optimizer, loss, precision
+        self.generator = generator or torch.Generator()
+        self.scaler = grad_scaler(precision, samples.device)
+        model.train()
+
+    def batches(self, epoch: int) -> list[torch.Tensor]:
+        return list(torch.randperm(self.n_images, generator=self.generator).split(self.batch_size))
+
+    def step(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        with autocast(self.precision, self.samples.device):
+            value = self.loss(self.model, self.schedule, self.samples[idx.to(self.samples.device)])
+        optimiser_step(value, self.optimizer, self.scaler)
+        return {"loss": value.detach()}
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.model, "optimizer": self.optimizer, "generator": GeneratorState(self.generator)}
+
+
 def fit_denoiser(model: nn.Module, samples: torch.Tensor, schedule: Schedule, *, epochs: int, batch_size: int,
                  optimizer: torch.optim.Optimizer, checkpoint: CacheEntry | None = None,
                  loss: Callable[[nn.Module, Schedule, torch.Tensor], torch.Tensor] = epsilon_loss,
                  desc: str = "denoiser", generator: torch.Generator | None = None,
                  precision: str = "fp32") -> list[dict[str, float]]:
-    """Train ``model`` on ``samples`` (N × …, already on the model's device) for ``epochs`` epochs.
+    """Train ``model`` on ``samples`` for ``epochs`` epochs (a ``DenoiserTraining`` run through ``train_loop``).
 
-    Each epoch visits every sample once in a random order (the last short batch is kept, since
-    anomaly-detection training sets are small). The model runs at ``precision`` (the loss is fp32).
-    Returns the mean loss of each epoch.
+    Returns the mean loss of each epoch (and its seconds).
     """
-    model.train()
-    n = samples.shape[0]
-    generator = generator or torch.Generator()
-    scaler = grad_scaler(precision, samples.device)
-
-    def run_epoch(_: int) -> dict[str, float]:
-        total = 0.0
-        for idx in torch.randperm(n, generator=generator).split(batch_size):
-            with autocast(precision, samples.device):
-                value = loss(model, schedule, samples[idx.to(samples.device)])
-            optimiser_step(value, optimizer, scaler)
-            total += float(value.detach()) * len(idx)
-        return {"loss": total / n}
-
-    history = train_loop(epochs, run_epoch, state={"model": model, "optimizer": optimizer,
-                                                   "generator": GeneratorState(generator)},
-                         checkpoint=checkpoint, desc=desc)
+    history = DenoiserTraining(model, samples, schedule, batch_size=batch_size, optimizer=optimizer, loss=loss,
+                               generator=generator, precision=precision).run(epochs, checkpoint, desc)
     model.eval()
     return history

@@ -1,15 +1,15 @@
-"""One module per method, imported on demand (a chapter pays only for its own method's imports).
+"""One module per method, each declaring itself with a ``MethodSpec`` (``adnb.methods.registry``).
 
-The book's four methods, ``fair``, ``pyramidflow``, ``d3ad`` and ``realnet``, and two references:
-``baseline`` (a per-pixel z-score; its parameters are the data chapter's) and ``knn`` (feature kNN on
-ImageNet features; the benchmark chapter's). ``adnb.recipe.Recipe`` runs any of them the same way.
+The book's four methods, ``fair``, ``pyramidflow``, ``d3ad`` and ``realnet``, three references,
+``baseline`` (a per-pixel z-score; its parameters are the data chapter's), ``patchcore`` and ``padim``
+(on ImageNet features; the benchmark chapter's), and whatever else is declared here or by an
+installed package: ``names()`` lists them all. ``adnb.recipe.Recipe`` runs any of them the same way.
 
-``load_detector`` and ``adnb.recipe`` import ``adnb.methods.<name>`` when they first need it;
-importing the module registers its detector.
+A method's module is imported when the method is first asked for (``spec(name)``), so a chapter
+pays only for its own method's imports.
 """
 
 from adnb.methods.base import Detector, Prediction, load_detector
+from adnb.methods.registry import MethodSpec, names, references, register, spec
 
-METHODS = ("baseline", "knn", "fair", "pyramidflow", "d3ad", "realnet")
-
-__all__ = ["METHODS", "Detector", "Prediction", "load_detector"]
+__all__ = ["Detector", "MethodSpec", "Prediction", "load_detector", "names", "references", "register", "spec"]

@@ -5,7 +5,8 @@ A method module (``adnb.methods.fair`` …) provides
 - a frozen ``Config`` dataclass (with at least ``image_size``),
 - a ``Detector`` subclass built from that config, whose ``predict`` maps a batch of images in
   [0, 1] at ``config.image_size`` to ``Prediction(scores, maps)``,
-- ``fit(config, images, *, device, cache, force_train) -> Detector``.
+- ``fit(config, images, *, device, cache, force_train) -> Detector``,
+- and declares them, with its other hooks, in one ``MethodSpec`` (``adnb.methods.registry``).
 
 Everything a trained detector needs lives in its ``state_dict`` (tensors only), so a checkpoint is
 ``weights.pt`` plus a JSON sidecar naming the method and its config; ``load_detector`` rebuilds it.
@@ -14,7 +15,6 @@ Everything a trained detector needs lives in its ``state_dict`` (tensors only), 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,9 +26,10 @@ from torch import nn
 
 from adnb.runtime.cache import CacheEntry
 from adnb.runtime.errors import AdnbError
+from adnb.runtime.seed import seeded
 
-REGISTRY: dict[str, type[Detector]] = {}
 T = TypeVar("T")
+D = TypeVar("D", bound="Detector")
 
 
 class Prediction(NamedTuple):
@@ -39,11 +40,14 @@ class Prediction(NamedTuple):
 @dataclass
 class Prepared:
     """What a method's optional ``prepare`` hook makes for its ``fit`` (see ``adnb.recipe``): keyword
-    arguments, a key naming them (it joins the cache key and the config hash), facts for the record."""
+    arguments, a key naming them (it joins the cache key and the config hash), facts for the record,
+    and the cache entries the preparation lives in (``train-all`` ships them to the workers that need
+    them). Asked to plan only, ``prepare`` fills in ``key`` and ``entries`` and makes nothing."""
 
     extras: dict[str, Any] = field(default_factory=dict)
     key: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+    entries: list[CacheEntry] = field(default_factory=list)
 
 
 class Detector(nn.Module):
@@ -51,11 +55,6 @@ class Detector(nn.Module):
 
     method: ClassVar[str] = ""
     config_class: ClassVar[type]
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.method:
-            REGISTRY[cls.method] = cls
 
     def __init__(self, config: Any):
         super().__init__()
@@ -92,6 +91,25 @@ class Detector(nn.Module):
     train_seconds: float = 0.0
     checkpoint: Path | None = None
     fit_info: dict[str, Any]
+
+    @property
+    def train_precision(self) -> str:
+        """The arithmetic the detector was trained at (its ``fit`` records it), which may differ from
+        ``precision`` where a model trained on one machine is loaded on another (``precision: auto``)."""
+        return str(getattr(self, "fit_info", {}).get("precision") or self.precision)
+
+    @classmethod
+    def from_cache(cls: type[D], config: Any, cache: CacheEntry | None, force_train: bool = False) -> D | None:
+        """The detector of ``config`` with its trained weights when ``cache`` holds them, else None (then
+        ``fit`` trains); ``force_train`` deletes the entry instead."""
+        if cache is not None and force_train:
+            cache.clear()
+        if cache is None or not cache.exists():
+            return None
+        with seeded(getattr(config, "seed", 0)):  # the random initial weights are overwritten; the caller's state is kept
+            detector = cls(config)
+        detector.restore(cache)
+        return detector
 
     def restore(self, cache: CacheEntry | None, force_train: bool = False) -> bool:
         """Load trained weights from ``cache`` if present; ``force_train`` deletes them instead.
@@ -143,14 +161,10 @@ def config_dict(config: Any) -> dict[str, Any]:
 
 
 def detector_class(method: str) -> type[Detector]:
-    """The detector class of ``method``, importing ``adnb.methods.<method>`` on first use."""
-    from adnb.methods import METHODS
+    """The detector class of ``method`` (its module imported on first use; see ``adnb.methods.registry``)."""
+    from adnb.methods.registry import spec
 
-    if method not in REGISTRY and method in METHODS:
-        importlib.import_module(f"adnb.methods.{method}")
-    if method not in REGISTRY:
-        raise AdnbError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-    return REGISTRY[method]
+    return spec(method).detector
 
 
 def config_from(config_class: type[T], params: Mapping[str, Any], **changes: Any) -> T:

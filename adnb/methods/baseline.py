@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from adnb.methods.base import Detector, Prediction
+from adnb.methods.registry import MethodSpec, register
 from adnb.runtime.cache import CacheEntry
 
 
@@ -57,3 +58,7 @@ def fit(config: BaselineConfig, images: torch.Tensor, *, device: torch.device | 
         detector.std.copy_(x.std(dim=0).float())
         detector.store(cache, time.perf_counter() - start)
     return detector.to(device).eval()
+
+
+# A reference row: its parameters are the data chapter's, which trains it.
+METHOD = register(MethodSpec("baseline", ZScoreBaseline, fit, chapter="data", reference=True))

@@ -50,8 +50,10 @@ from torch import nn
 
 from adnb.backbones import Backbone, resolve_weights
 from adnb.data.layout import Category, split_holdout
-from adnb.diffusion import Schedule, ddim_step, epsilon_loss, fit_denoiser, linear_schedule, model_eps, q_sample
+from adnb.diffusion import Schedule, ddim_step, epsilon_loss, linear_schedule, model_eps, q_sample
+from adnb.diffusion.training import DenoiserTraining
 from adnb.methods.base import Detector, Prediction, config_from
+from adnb.methods.registry import MethodSpec, register
 from adnb.runtime.cache import CacheEntry, GeneratorState, cached_training, train_loop
 from adnb.runtime.errors import AdnbError
 from adnb.runtime.precision import autocast, grad_scaler, optimiser_step
@@ -586,6 +588,77 @@ def _stage(cache: CacheEntry | None, name: str, config: D3ADConfig, fields: Sequ
     return None if cache is None else cache.stage(name, {f: getattr(config, f) for f in fields})
 
 
+class D3ADTraining(DenoiserTraining):
+    """D3AD's training as ``fit`` runs it, up to its main stage, the denoiser, whose step ``adnb bench``
+    times (``adnb.runtime.training``).
+
+    Set-up: the detector initialised from ``config.seed``; the hold-out split (normal images kept for
+    the map normalisation); the latent space (Stable Diffusion's VAE, or the small autoencoder trained
+    here, in its own cache stage); the latents of the training images, computed once. A step is one
+    ε-prediction update on a random crop of a batch's latents; every random draw of all of it comes
+    from one generator seeded with ``config.seed``.
+    """
+
+    what = ("denoiser: epsilon-prediction MSE on a random crop of the batch's latents (encoded once, before the "
+            "loop); AdamW. The autoencoder (trained during set-up) and the domain adaptation are not timed")
+
+    def __init__(self, config: D3ADConfig, images: torch.Tensor, *, device: torch.device | str = "cpu",
+                 cache: CacheEntry | None = None, force_train: bool = False):
+        if len(images) < 3:
+            raise AdnbError(f"D3AD needs at least 3 training images (its kNN noise level compares each with the "
+                            f"others); got {len(images)}")
+        with seeded(config.seed):
+            detector = D3AD(config).to(device)
+        generator = seeded_generator(config.seed)
+        holdout = min(config.holdout, len(images) // 3)  # a small training set keeps two thirds for training
+        if holdout < config.holdout:
+            print(f"[adnb] D3AD holds out {holdout} of {len(images)} training images for the map normalisation "
+                  f"(holdout={config.holdout} would leave too few to train on)")
+        if holdout:
+            train_idx, hold_idx = split_holdout(len(images), holdout, config.seed)
+        else:
+            train_idx = hold_idx = torch.arange(len(images))
+        self.x_train, self.x_hold = images[train_idx].to(device), images[hold_idx].to(device)
+        self.n_holdout = len(hold_idx) if holdout else 0
+        self.weights: dict[str, str] = {}
+        self.seconds: dict[str, float] = {}
+        ae = detector.autoencoder
+        if config.latent == "sd":
+            pretrained = pretrained_sd_vae()
+            if pretrained is None:
+                raise AdnbError(f"latent='sd' needs Stable Diffusion's VAE ({SD_VAE_REPO}) and it is not on this "
+                                "machine; use latent='small' (or latent='auto'), or download it as the message above says")
+            ae.vae.load_state_dict(pretrained.state_dict())
+            self.seconds["autoencoder"] = 0.0
+            self.weights["latent"] = SD_VAE_REPO
+        else:
+            self.seconds["autoencoder"] = cached_training(
+                _stage(cache, "autoencoder", config, AE_FIELDS), ae,
+                lambda ck: {"history": train_autoencoder(ae, self.x_train, epochs=config.ae_epochs, lr=config.ae_lr,
+                                                         batch_size=config.batch_size, crop=config.ae_crop,
+                                                         checkpoint=ck, generator=generator,
+                                                         precision=detector.precision)},
+                force_train)["train_seconds"]
+            self.weights["latent"] = "trained-here"
+        ae.requires_grad_(False).eval()
+        with torch.no_grad():
+            latents = torch.cat([detector.encode(b) for b in self.x_train.split(config.batch_size)])
+        unet = detector.denoiser
+        super().__init__(unet, latents, detector.schedule, batch_size=config.batch_size,
+                         optimizer=torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay),
+                         loss=self.crop_loss, generator=generator, precision=detector.precision)
+        self.detector = detector
+
+    def crop_loss(self, model: nn.Module, schedule: Schedule, z0: torch.Tensor) -> torch.Tensor:
+        config = self.detector.config
+        return epsilon_loss(model, schedule, random_crop(z0, config.unet_crop, self.generator),
+                            t_max=config.train_t_max, generator=self.generator)
+
+    def finish(self) -> None:
+        """The kNN bank of the training images and its distance bins: each test image's noise level."""
+        self.detector.fit_knn(self.x_train)
+
+
 def fit(config: D3ADConfig, images: torch.Tensor, *, device: torch.device | str = "cpu",
         cache: CacheEntry | None = None, force_train: bool = False) -> D3AD:
     """Train D3AD on normal ``images`` (N×3×S×S in [0, 1]): autoencoder, denoiser, adaptation, kNN, normalisation.
@@ -593,60 +666,15 @@ def fit(config: D3ADConfig, images: torch.Tensor, *, device: torch.device | str 
     Every stage is cached on its own, so changing e.g. only ``da_epochs`` keeps the trained
     autoencoder and denoiser. Every random draw comes from one generator seeded with ``config.seed``.
     """
-    with seeded(config.seed):
-        detector = D3AD(config).to(device)
-    if detector.restore(cache, force_train):
-        return detector.eval()
-    generator = seeded_generator(config.seed)
-    if len(images) < 3:
-        raise AdnbError(f"D3AD needs at least 3 training images (its kNN noise level compares each with the "
-                        f"others); got {len(images)}")
-    holdout = min(config.holdout, len(images) // 3)  # a small training set keeps two thirds for training
-    if holdout < config.holdout:
-        print(f"[adnb] D3AD holds out {holdout} of {len(images)} training images for the map normalisation "
-              f"(holdout={config.holdout} would leave too few to train on)")
-    if holdout:
-        train_idx, hold_idx = split_holdout(len(images), holdout, config.seed)
-    else:
-        train_idx = hold_idx = torch.arange(len(images))
-    x_train, x_hold = images[train_idx].to(device), images[hold_idx].to(device)
-    weights = {}
-
-    ae = detector.autoencoder
-    if config.latent == "sd":
-        pretrained = pretrained_sd_vae()
-        if pretrained is None:
-            raise AdnbError(f"latent='sd' needs Stable Diffusion's VAE ({SD_VAE_REPO}) and it is not on this machine; "
-                            "use latent='small' (or latent='auto'), or download it as the message above says")
-        ae.vae.load_state_dict(pretrained.state_dict())
-        seconds = {"autoencoder": 0.0}
-        weights["latent"] = SD_VAE_REPO
-    else:
-        seconds = {"autoencoder": cached_training(
-            _stage(cache, "autoencoder", config, AE_FIELDS), ae,
-            lambda ck: {"history": train_autoencoder(ae, x_train, epochs=config.ae_epochs, lr=config.ae_lr,
-                                                     batch_size=config.batch_size, crop=config.ae_crop,
-                                                     checkpoint=ck, generator=generator,
-                                                     precision=detector.precision)},
-            force_train)["train_seconds"]}
-        weights["latent"] = "trained-here"
-    ae.requires_grad_(False).eval()
-
-    with torch.no_grad():
-        latents = torch.cat([detector.encode(b) for b in x_train.split(config.batch_size)])
+    restored = D3AD.from_cache(config, cache, force_train)
+    if restored is not None:
+        return restored.to(device).eval()
+    training = D3ADTraining(config, images, device=device, cache=cache, force_train=force_train)
+    detector, x_train, seconds, weights = training.detector, training.x_train, training.seconds, training.weights
     unet = detector.denoiser
-    opt = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-
-    def unet_loss(model: nn.Module, schedule: Schedule, z0: torch.Tensor) -> torch.Tensor:
-        return epsilon_loss(model, schedule, random_crop(z0, config.unet_crop, generator), t_max=config.train_t_max,
-                            generator=generator)
-
-    seconds["denoiser"] = cached_training(
-        _stage(cache, "denoiser", config, UNET_FIELDS), unet,
-        lambda ck: {"history": fit_denoiser(unet, latents, detector.schedule, epochs=config.epochs,
-                                            batch_size=config.batch_size, optimizer=opt, checkpoint=ck,
-                                            loss=unet_loss, generator=generator, precision=detector.precision)},
-        force_train)["train_seconds"]
+    denoiser = cached_training(_stage(cache, "denoiser", config, UNET_FIELDS), unet,
+                               lambda ck: {"history": training.run(config.epochs, ck, desc="denoiser")}, force_train)
+    seconds["denoiser"] = denoiser["train_seconds"]
     unet.requires_grad_(False).eval()
 
     backbone = detector.extractor.load_weights(config.weights)
@@ -658,14 +686,17 @@ def fit(config: D3ADConfig, images: torch.Tensor, *, device: torch.device | str 
         seconds["adaptation"] = cached_training(
             _stage(cache, "adaptation", config, DA_FIELDS), detector.extractor,
             lambda ck: {"history": adapt_extractor(detector, x_train, epochs=config.da_epochs, lr=config.da_lr,
-                                                   batch_size=config.batch_size, checkpoint=ck, generator=generator)},
+                                                   batch_size=config.batch_size, checkpoint=ck,
+                                                   generator=training.generator)},
             force_train)["train_seconds"]
 
     start = time.perf_counter()
-    detector.fit_knn(x_train).calibrate(x_hold)
+    training.finish()
+    detector.calibrate(training.x_hold)
     seconds["knn_and_normalisation"] = time.perf_counter() - start
-    return detector.store(cache, sum(seconds.values()), weights=weights, stage_seconds=seconds, precision=detector.precision,
-                          n_train=len(train_idx), n_holdout=len(hold_idx) if holdout else 0).eval()
+    return detector.store(cache, sum(seconds.values()), weights=weights, stage_seconds=seconds,
+                          precision=detector.precision, history=denoiser.get("history", []), n_train=len(x_train),
+                          n_holdout=training.n_holdout).eval()
 
 
 def resolve(params: Mapping[str, Any], category: Category | None = None) -> D3ADConfig:
@@ -674,3 +705,6 @@ def resolve(params: Mapping[str, Any], category: Category | None = None) -> D3AD
     latent = resolve_latent(str(params.get("latent") or "small"))
     config = config_from(D3ADConfig, {**params, "latent": latent})
     return dataclasses.replace(config, weights=resolve_weights(config.backbone, config.weights))
+
+
+METHOD = register(MethodSpec("d3ad", D3AD, fit, training=D3ADTraining, resolve=resolve))

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import kornia
 import torch
@@ -35,10 +36,13 @@ from torch import nn
 
 from adnb.frequency import EXTRACTORS, high_frequency, input_channels
 from adnb.methods.base import Detector, Prediction
-from adnb.runtime.cache import CacheEntry, GeneratorState, train_loop
+from adnb.methods.registry import MethodSpec, register
+from adnb.runtime.cache import CacheEntry, GeneratorState
 from adnb.runtime.errors import AdnbError
 from adnb.runtime.precision import (PRECISIONS, at_least_fp32, autocast, full_precision, grad_scaler,
                                     optimiser_step)
+from adnb.runtime.seed import seeded
+from adnb.runtime.training import Training
 from adnb.synthesis import TextureSource, large_cutpaste, perlin_anomalies
 from adnb.synthesis.perlin import rotate_each
 
@@ -326,52 +330,78 @@ def milestones(epochs: int) -> list[int]:
     return [int(0.8 * epochs), int(0.9 * epochs)]
 
 
+class FairTraining(Training):
+    """FAIR's training as ``fit`` runs it and ``adnb bench`` times it (``adnb.runtime.training``).
+
+    Set-up: the UNet initialised as the official code does, from one generator seeded with
+    ``config.seed`` that then draws everything random of the training; the corruption's textures;
+    Adam with its step decay. An epoch is ⌈N / batch⌉ steps of ``batch_size`` images drawn at random
+    with replacement (the official loader ignores its index and draws too).
+    """
+
+    what = "corrupt, restore, L2 + (1 - SSIM); Adam"
+
+    def __init__(self, config: FairConfig, images: torch.Tensor, *, device: torch.device | str = "cpu"):
+        if images.shape[-1] != config.image_size or images.shape[-2] != config.image_size:
+            raise AdnbError(f"training images are {tuple(images.shape[-2:])} but image_size is {config.image_size}; "
+                            "load them with category.load('train', config.image_size)")
+        device = torch.device(device)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        with seeded(config.seed):  # what initialise leaves (the convolutions' biases) is drawn from the seed too
+            self.detector = FAIR(config)
+        self.detector.unet.initialise(self.generator)
+        self.textures = texture_source(config, images)
+        self.images = images.to(device)
+        self.n_images = len(images)
+        self.detector.to(device).train()
+        self.optimiser = optimiser(self.detector)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimiser, milestones(config.epochs), gamma=0.2)
+        self.scaler = grad_scaler(self.detector.precision, device)
+        self.steps = math.ceil(self.n_images / config.batch_size)
+
+    def batches(self, epoch: int) -> Iterator[torch.Tensor]:
+        for _ in range(self.steps):  # drawn one at a time: the corruption of each batch draws in between
+            yield torch.randint(self.n_images, (self.detector.config.batch_size,),
+                                generator=self.generator).to(self.images.device)
+
+    def step(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        batch = self.images[idx]
+        batch = batch.float().div_(255) if batch.dtype == torch.uint8 else batch
+        loss = training_loss(self.detector, batch, self.textures, generator=self.generator)
+        optimiser_step(loss, self.optimiser, self.scaler)
+        return {"loss": loss.detach()}
+
+    def epoch(self, epoch: int) -> dict[str, float]:
+        logs = super().epoch(epoch)
+        self.scheduler.step()
+        return logs
+
+    def state(self) -> dict[str, Any]:
+        return {"unet": self.detector.unet, "optimiser": self.optimiser, "scheduler": self.scheduler,
+                "generator": GeneratorState(self.generator)}
+
+    def finish(self) -> None:
+        if self.detector.config.recalibrate_bn:
+            recalibrate_batchnorm(self.detector, self.images, self.textures, steps=self.steps,
+                                  generator=self.generator)
+
+
 def fit(config: FairConfig, images: torch.Tensor, *, device: torch.device | str = "cpu",
         cache: CacheEntry | None = None, force_train: bool = False) -> FAIR:
-    """Train FAIR on normal ``images`` (N×3×S×S, uint8 or float in [0, 1]) — or load it from ``cache``.
+    """Train FAIR on normal ``images`` (N×3×S×S, uint8 or float in [0, 1]) — or load it from ``cache``."""
+    restored = FAIR.from_cache(config, cache, force_train)
+    if restored is not None:
+        return restored.to(device).eval()
+    training = FairTraining(config, images, device=device)
+    history = training.run(config.epochs, cache, desc=f"FAIR c={config.width}")
+    start = time.perf_counter()
+    training.finish()
+    seconds = sum(h["seconds"] for h in history) + time.perf_counter() - start
+    steps = training.steps * config.epochs
+    detector = training.detector
+    detector.store(cache, seconds, weights={"all": "trained-here"}, textures=training.textures.kind,
+                   precision=detector.precision, steps=steps, seconds_per_step=seconds / max(1, steps), history=history)
+    return detector.eval()
 
-    An epoch is ⌈N / batch⌉ steps of ``batch_size`` images drawn at random with replacement
-    (the official loader ignores its index and draws too). Everything random comes from one
-    generator seeded with ``config.seed``.
-    """
-    device = torch.device(device)
-    generator = torch.Generator().manual_seed(config.seed)
-    detector = FAIR(config)
-    detector.unet.initialise(generator)
-    if detector.restore(cache, force_train):
-        return detector.to(device).eval()
-    if images.shape[-1] != config.image_size or images.shape[-2] != config.image_size:
-        raise AdnbError(f"training images are {tuple(images.shape[-2:])} but image_size is {config.image_size}; "
-                        "load them with category.load('train', config.image_size)")
-    textures = texture_source(config, images)
-    data = images.to(device)
-    detector.to(device).train()
-    adam = optimiser(detector)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(adam, milestones(config.epochs), gamma=0.2)
-    scaler = grad_scaler(detector.precision, device)
-    steps = math.ceil(len(data) / config.batch_size)
 
-    def run_epoch(epoch: int) -> dict[str, float]:
-        start, total = time.perf_counter(), torch.zeros((), device=device)
-        for _ in range(steps):
-            pick = torch.randint(len(data), (config.batch_size,), generator=generator).to(device)
-            batch = data[pick]
-            batch = batch.float().div_(255) if batch.dtype == torch.uint8 else batch
-            loss = training_loss(detector, batch, textures, generator=generator)
-            optimiser_step(loss, adam, scaler)
-            total += loss.detach()  # summed on the device: reading it every step would wait for a GPU
-        scheduler.step()
-        return {"loss": total.item() / steps, "seconds": time.perf_counter() - start}
-
-    history = train_loop(config.epochs, run_epoch, checkpoint=cache, desc=f"FAIR c={config.width}",
-                         state={"unet": detector.unet, "optimiser": adam, "scheduler": scheduler,
-                                "generator": GeneratorState(generator)})
-    seconds = sum(h["seconds"] for h in history)
-    if config.recalibrate_bn:
-        start = time.perf_counter()
-        recalibrate_batchnorm(detector, data, textures, steps=steps, generator=generator)
-        seconds += time.perf_counter() - start
-    detector.store(cache, seconds, weights={"all": "trained-here"}, textures=textures.kind, precision=detector.precision,
-                   steps=steps * config.epochs, seconds_per_step=seconds / max(1, steps * config.epochs),
-                   history=history)
-    return detector.to(device).eval()
+METHOD = register(MethodSpec("fair", FAIR, fit, training=FairTraining))

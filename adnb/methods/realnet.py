@@ -39,11 +39,13 @@ from adnb.backbones import Backbone, resolve_weights
 from adnb.data.layout import Category, list_categories, load_category
 from adnb.diffusion.sdas import SDAS, SDASConfig, fit_sdas, sdas_images
 from adnb.methods.base import Detector, Prediction, Prepared, config_from
+from adnb.methods.registry import MethodSpec, register
 from adnb.runtime import cache as caches
-from adnb.runtime.cache import CacheEntry, GeneratorState, train_loop
+from adnb.runtime.cache import CacheEntry, GeneratorState
 from adnb.runtime.errors import AdnbError
 from adnb.runtime.precision import autocast, grad_scaler, optimiser_step
 from adnb.runtime.seed import generator as seeded_generator, seeded
+from adnb.runtime.training import Training
 from adnb.synthesis import TextureSource, perlin_anomalies
 from adnb.synthesis.foreground import foreground_masks, foreground_rule
 
@@ -389,70 +391,93 @@ def compute_afs(detector: RealNet, images: torch.Tensor, source: TextureSource, 
     return totals
 
 
+class RealNetTraining(Training):
+    """RealNet's training as ``fit`` runs it and ``adnb bench`` times it (``adnb.runtime.training``).
+
+    Set-up: the detector initialised from ``config.seed``; the backbone's ImageNet weights; the
+    foreground masks; AFS (on synthetic anomalies only) or a random channel choice; the selected
+    features of every clean image, computed once (the backbone is frozen and images are not
+    augmented), standardised per channel when ``config.standardize``. A step makes SIA anomalies of
+    half the batch inside their foreground, and updates on reconstruction + segmentation loss.
+    ``source`` is SIA's anomaly source (``prepare`` makes it); without one (``adnb bench``, which does
+    not time SDAS) the training images themselves stand in. Every random draw comes from one
+    generator seeded with ``config.seed``.
+    """
+
+    what = ("SIA anomalies on half the batch (in the foreground), standardised selected features, reconstruction + "
+            "segmentation loss; Adam. SDAS is not timed; AFS runs during set-up")
+
+    def __init__(self, config: RealNetConfig, images: torch.Tensor, *, device: torch.device | str = "cpu",
+                 source: TextureSource | None = None):
+        with seeded(config.seed):
+            detector = RealNet(config)
+        self.detector = detector
+        self.generator = generator = seeded_generator(config.seed)
+        self.source = source if source is not None else TextureSource.from_images(images)
+        self.images = images = images.to(device)
+        self.n_images = len(images)
+        detector.to(device).eval()
+        backbone = detector.backbone.load_weights(config.weights)
+        self.weights = {"backbone": backbone.kind, "backbone_origin": backbone.origin or "random initialisation"}
+        if backbone.kind == "random":
+            detector.backbone.estimate_batchnorm(images)
+            self.weights["backbone_batchnorm"] = "estimated on the training images"
+        self.foreground = foreground_masks(images, config.foreground, config.foreground_kernel)
+        if config.afs == "afs":
+            losses = compute_afs(detector, images, self.source, self.foreground, config.afs_batches,
+                                 config.afs_batch_size, generator)
+            for i, (loss, k) in enumerate(zip(losses, config.planes)):
+                getattr(detector, f"afs_loss{i}").copy_(loss)
+                getattr(detector, f"index{i}").copy_(afs_select(loss, k))
+        else:
+            for i, (c, k) in enumerate(zip(detector.backbone.channels, config.planes)):
+                getattr(detector, f"index{i}").copy_(torch.randperm(c, generator=generator)[:k].sort().values)
+        clean = [torch.cat(parts) for parts in zip(*(detector.extract(b) for b in images.split(32)))]
+        if config.standardize:
+            # WideResNet's stage outputs follow a ReLU and sit on one modest scale; other backbones' (an
+            # EfficientNet's linear bottlenecks) spread over orders of magnitude, and the squared
+            # residuals the discriminator reads would be ruled by a few loud channels.
+            for i, f in enumerate(clean):
+                scale = f.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+                getattr(detector, f"scale{i}").copy_(scale)
+                clean[i] = f / scale
+        self.clean = clean
+        self.trainable = [p for p in detector.parameters() if p.requires_grad]
+        self.optimiser = torch.optim.Adam(self.trainable, lr=config.lr, betas=(0.9, 0.999))
+        self.scaler = grad_scaler(detector.precision, device)
+        detector.train()
+
+    def batches(self, epoch: int) -> list[torch.Tensor]:
+        return [idx.to(self.images.device)
+                for idx in torch.randperm(self.n_images, generator=self.generator).split(self.detector.config.batch_size)]
+
+    def step(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        config, images = self.detector.config, self.images
+        k = (len(idx) + 1) // 2  # half synthetic anomalies, half normal images (a last batch of one is synthetic)
+        anomalous, masks = synthesize(images[idx[:k]], self.source, config.source, foreground=self.foreground[idx[:k]],
+                                      generator=self.generator)
+        target = [f[idx] for f in self.clean]
+        features = [torch.cat([fa, f[k:]]) for fa, f in zip(self.detector.extract(anomalous), target)]
+        masks = torch.cat([masks, masks.new_zeros(len(idx) - k, *masks.shape[1:])])
+        terms = realnet_loss(self.detector.head(features, images.shape[-2:]), masks, target)
+        optimiser_step(terms["loss"], self.optimiser, self.scaler)
+        return {name: value.detach() for name, value in terms.items()}
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.detector, "optimizer": self.optimiser, "generator": GeneratorState(self.generator)}
+
+
 def fit(config: RealNetConfig, images: torch.Tensor, *, source: TextureSource, device: torch.device | str = "cpu",
         cache: CacheEntry | None = None, force_train: bool = False) -> RealNet:
-    """Train RealNet on normal ``images`` (N×3×S×S in [0, 1]) with SIA anomalies from ``source``.
-
-    AFS runs first (on synthetic anomalies only); then every batch is half normal, half synthetic.
-    The backbone is frozen and images are not augmented, so the clean images' features are computed
-    once. Every random draw comes from one generator seeded with ``config.seed``.
-    """
-    with seeded(config.seed):
-        detector = RealNet(config)
-    if detector.restore(cache, force_train):
-        return detector.to(device).eval()
+    """Train RealNet on normal ``images`` (N×3×S×S in [0, 1]) with SIA anomalies from ``source``."""
+    restored = RealNet.from_cache(config, cache, force_train)
+    if restored is not None:
+        return restored.to(device).eval()
     start = time.perf_counter()
-    generator = seeded_generator(config.seed)
-    images = images.to(device)
-    detector.to(device).eval()
-    backbone = detector.backbone.load_weights(config.weights)
-    weights = {"backbone": backbone.kind, "backbone_origin": backbone.origin or "random initialisation"}
-    if backbone.kind == "random":
-        detector.backbone.estimate_batchnorm(images)
-        weights["backbone_batchnorm"] = "estimated on the training images"
-    foreground = foreground_masks(images, config.foreground, config.foreground_kernel)
-    if config.afs == "afs":
-        losses = compute_afs(detector, images, source, foreground, config.afs_batches, config.afs_batch_size, generator)
-        for i, (loss, k) in enumerate(zip(losses, config.planes)):
-            getattr(detector, f"afs_loss{i}").copy_(loss)
-            getattr(detector, f"index{i}").copy_(afs_select(loss, k))
-    else:
-        for i, (c, k) in enumerate(zip(detector.backbone.channels, config.planes)):
-            getattr(detector, f"index{i}").copy_(torch.randperm(c, generator=generator)[:k].sort().values)
-    clean = [torch.cat(parts) for parts in zip(*(detector.extract(b) for b in images.split(32)))]
-    if config.standardize:
-        # WideResNet's stage outputs follow a ReLU and sit on one modest scale; other backbones' (an
-        # EfficientNet's linear bottlenecks) spread over orders of magnitude, and the squared
-        # residuals the discriminator reads would be ruled by a few loud channels.
-        for i, f in enumerate(clean):
-            scale = f.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-            getattr(detector, f"scale{i}").copy_(scale)
-            clean[i] = f / scale
-    trainable = [p for p in detector.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=config.lr, betas=(0.9, 0.999))
-    scaler = grad_scaler(detector.precision, device)
-
-    def run_epoch(_: int) -> dict[str, float]:
-        detector.train()
-        totals, n = torch.zeros(3), 0
-        for idx in torch.randperm(len(images), generator=generator).split(config.batch_size):
-            idx = idx.to(device)
-            k = (len(idx) + 1) // 2  # half synthetic anomalies, half normal images (a last batch of one is synthetic)
-            anomalous, masks = synthesize(images[idx[:k]], source, config.source, foreground=foreground[idx[:k]],
-                                          generator=generator)
-            target = [f[idx] for f in clean]
-            features = [torch.cat([fa, f[k:]]) for fa, f in zip(detector.extract(anomalous), target)]
-            masks = torch.cat([masks, masks.new_zeros(len(idx) - k, *masks.shape[1:])])
-            terms = realnet_loss(detector.head(features, images.shape[-2:]), masks, target)
-            optimiser_step(terms["loss"], optimizer, scaler)
-            totals += torch.tensor([float(terms[key].detach()) for key in ("loss", "ce", "mse")]) * len(idx)
-            n += len(idx)
-        return dict(zip(("loss", "ce", "mse"), (totals / n).tolist()))
-
-    history = train_loop(config.epochs, run_epoch, {"model": detector, "optimizer": optimizer,
-                                                    "generator": GeneratorState(generator)},
-                         checkpoint=cache, desc="RealNet")
-    detector.store(cache, time.perf_counter() - start, weights={**weights, "anomaly_source": config.source},
+    training = RealNetTraining(config, images, device=device, source=source)
+    history = training.run(config.epochs, cache, desc="RealNet")
+    detector = training.detector
+    detector.store(cache, time.perf_counter() - start, weights={**training.weights, "anomaly_source": config.source},
                    history=history, precision=detector.precision)
     return detector.eval()
 
@@ -495,36 +520,49 @@ class SDASRun(NamedTuple):
     sample_seconds: float
 
 
+def sdas_entries(params: Mapping[str, Any], categories: Sequence[Category]) -> tuple[CacheEntry, CacheEntry]:
+    """The cache entries of the SDAS model over ``categories`` and of its samples (no image is read)."""
+    config = sdas_config(params)
+    key = "|".join(f"{cat.name}:{cat.fingerprint()}" for cat in categories)
+    per_class = int(params.get("sdas_per_class", 24))
+    return (caches.entry("realnet", config, key, stage="sdas"),
+            caches.entry("realnet", {"sdas": config, "per_class": per_class}, key, stage="sdas-samples"))
+
+
 def train_sdas(params: Mapping[str, Any], categories: Sequence[Category], *, device: torch.device | str = "cpu",
                force_train: bool = False) -> SDASRun:
     """One class-conditional SDAS model over ``categories`` (one class each, as the official code does),
     and ``sdas_per_class`` samples of every class."""
     config = sdas_config(params)
     limit = int(params.get("max_train") or 0) or None
-    key = "|".join(f"{cat.name}:{cat.fingerprint()}" for cat in categories)
+    model, samples = sdas_entries(params, categories)
     train_sets = [cat.load("train", config.image_size, limit=limit).images for cat in categories]
-    sdas = fit_sdas(config, train_sets, device=device, cache=caches.entry("realnet", config, key, stage="sdas"),
-                    force_train=force_train)
-    per_class = int(params.get("sdas_per_class", 24))
-    samples = caches.entry("realnet", {"sdas": config, "per_class": per_class}, key, stage="sdas-samples")
-    images, seconds = sdas_images(sdas, per_class, cache=samples, force=force_train)
+    sdas = fit_sdas(config, train_sets, device=device, cache=model, force_train=force_train)
+    images, seconds = sdas_images(sdas, int(params.get("sdas_per_class", 24)), cache=samples, force=force_train)
     return SDASRun(sdas, images, samples, seconds)
 
 
 def prepare(config: RealNetConfig, params: Mapping[str, Any], category: Category, *, device: torch.device | str = "cpu",
-            force_train: bool = False) -> Prepared:
+            force_train: bool = False, plan: bool = False) -> Prepared:
     """SIA's anomaly source for ``category``: SDAS images of its class (the SDAS model is trained once
-    for the category's whole dataset), DTD textures (``dtd_root``) or procedural Perlin textures."""
+    for the category's whole dataset), DTD textures (``dtd_root``) or procedural Perlin textures.
+    ``plan``: name the SDAS entries and the key, train and sample nothing."""
     if config.source == "perlin":
-        return Prepared({"source": TextureSource.procedural(config.image_size)}, "perlin")
+        return Prepared({} if plan else {"source": TextureSource.procedural(config.image_size)}, "perlin")
     if config.source == "dtd":
         if not params.get("dtd_root"):
             raise AdnbError("RealNet with source 'dtd' needs a texture folder: add -p dtd_root DTD/images")
-        return Prepared({"source": TextureSource.from_folder(params["dtd_root"], config.image_size)},
+        return Prepared({} if plan else {"source": TextureSource.from_folder(params["dtd_root"], config.image_size)},
                         f"dtd:{params['dtd_root']}")
     categories = dataset_categories(category, params.get("mask_suffix") or None)
+    entries = list(sdas_entries(params, categories))
+    if plan:
+        return Prepared(key=entries[1].folder.name, entries=entries)
     run = train_sdas(params, categories, device=device, force_train=force_train)
     k = [cat.name for cat in categories].index(category.name)
     return Prepared({"source": TextureSource.from_images(run.images[k])}, run.samples.folder.name,
                     {"sdas_train_seconds": run.model.train_seconds, "sdas_sample_seconds": run.sample_seconds,
-                     "sdas_images_per_class": int(run.images.shape[1])})
+                     "sdas_images_per_class": int(run.images.shape[1])}, entries)
+
+
+METHOD = register(MethodSpec("realnet", RealNet, fit, training=RealNetTraining, resolve=resolve, prepare=prepare))

@@ -4,7 +4,8 @@ An entry is a folder ``<cache>/<method>/<key>/`` where ``key`` hashes the method
 configuration and a fingerprint of the training images. It holds
 
 - ``weights.pt``   — the trained model: tensors only, loadable with ``torch.load(weights_only=True)``;
-- ``weights.json`` — the sidecar: method, configuration, versions, training time;
+- ``weights.json`` — the sidecar: method, configuration, versions, training time. Written last and
+  atomically (``adnb.runtime.atomic``), it marks the entry complete: a killed write leaves no entry;
 - ``checkpoint.pt`` — while training: the last finished epoch (model, optimiser, RNG), so an
   interrupted run resumes instead of starting over.
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import torch
 
 from adnb import __version__
-from adnb.runtime import paths
+from adnb.runtime import atomic, paths
 from adnb.runtime.errors import TrainingInterrupted
 from adnb.runtime.progress import progress
 
@@ -58,10 +58,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file and rename, so an interrupt never leaves half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` to a temporary file and rename, so an interrupt never leaves half a file."""
+    atomic.replace_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 class CacheEntry:
@@ -70,11 +68,14 @@ class CacheEntry:
     def __init__(self, folder: Path, spec: Mapping[str, Any]):
         self.folder = Path(folder)
         self.spec = _jsonable(spec)
+        self.stages: list[CacheEntry] = []  # the entries ``stage`` handed out (train-all ships them with this one)
 
     def stage(self, name: str, config: Any) -> CacheEntry:
         """The entry of another trained part of the same method on the same data (e.g. D3AD's
         autoencoder), keyed by ``config`` (the options that part depends on), in the same cache."""
-        return entry(self.spec["method"], config, self.spec["data"], root=self.folder.parent.parent, stage=name)
+        part = entry(self.spec["method"], config, self.spec["data"], root=self.folder.parent.parent, stage=name)
+        self.stages.append(part)
+        return part
 
     @property
     def weights_path(self) -> Path:
@@ -95,12 +96,16 @@ class CacheEntry:
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def save(self, state: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> Path:
-        """Store the final weights and the sidecar; drop the resume checkpoint."""
+        """Store the final weights and the sidecar; drop the resume checkpoint.
+
+        The sidecar marks the entry complete: an old one is removed first and the new one written last,
+        each file atomically, so a process killed at any point leaves no entry that looks complete."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.sidecar_path.unlink(missing_ok=True)
         _atomic_save({k: v.detach().cpu() for k, v in state.items()}, self.weights_path)
         sidecar = {"spec": self.spec, **_jsonable(dict(info)), "adnb_version": __version__,
                    "torch_version": torch.__version__, "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        self.sidecar_path.write_text(json.dumps(sidecar, indent=2))
+        atomic.write_text(self.sidecar_path, json.dumps(sidecar, indent=2))  # last: it marks the entry complete
         self.checkpoint_path.unlink(missing_ok=True)
         return self.weights_path
 

@@ -1,7 +1,8 @@
 """Where adnb keeps what it makes: generated data, trained weights, results records.
 
 Everything lives under one home folder, ``$ADNB_HOME`` (default ``~/.cache/adnb``). The Makefile
-points it at ``.adnb/`` inside the checkout so a clone is self-contained.
+points it at ``.adnb/`` inside the checkout so a clone is self-contained. Generated datasets can live
+elsewhere, ``$ADNB_DATA``, so that several homes share one copy (the test suite's throwaway homes do).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ def home() -> Path:
 
 
 def data_dir() -> Path:
-    return home() / "data"
+    return Path(os.environ.get("ADNB_DATA") or home() / "data").expanduser()
 
 
 def cache_dir() -> Path:
@@ -25,7 +26,14 @@ def cache_dir() -> Path:
 
 
 def results_dir() -> Path:
-    return home() / "results"
+    """Where results records go: ``$ADNB_HOME/results``, or ``$ADNB_RESULTS`` when set (``adnb book``
+    sets it to ``book_results_dir()`` for its chapters)."""
+    return Path(os.environ.get("ADNB_RESULTS") or home() / "results").expanduser()
+
+
+def book_results_dir() -> Path:
+    """The records of ``adnb book`` builds, kept apart from those of ``run``, ``train`` and ``train-all``."""
+    return home() / "book-results"
 
 
 def notebooks_dir() -> Path:

@@ -13,20 +13,20 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from adnb import __version__
-from adnb.runtime import paths
+from adnb.runtime import atomic, paths
 from adnb.runtime.errors import AdnbError
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro")
-REQUIRED_KEYS = ("method", "dataset", "category", "preset", "device", "image_size", "metrics", "train_seconds",
-                 "infer_images_per_s", "n_params", "weights", "checkpoint", "adnb_version", "torch_version", "created",
-                 "config_hash")
+REQUIRED_KEYS = ("method", "dataset", "category", "preset", "device", "image_size", "metrics", "intervals",
+                 "train_seconds", "infer_images_per_s", "n_params", "weights", "checkpoint", "adnb_version",
+                 "torch_version", "created", "config_hash")
 
 
 def make_record(
@@ -38,6 +38,7 @@ def make_record(
     device: str,
     image_size: int,
     metrics: Mapping[str, float | None],
+    intervals: Mapping[str, Sequence[float] | None],
     train_seconds: float,
     infer_images_per_s: float,
     n_params: int,
@@ -46,14 +47,21 @@ def make_record(
     config_hash: str,
     **extra: Any,
 ) -> dict[str, Any]:
-    """Build a record; ``extra`` keys (peak memory, evaluation resolution, notes…) ride along."""
+    """Build a record; ``extra`` keys (peak memory, evaluation resolution, notes…) ride along.
+
+    ``intervals`` holds each metric's 95 % interval ``[low, high]``, ``None`` where the metric is.
+    """
     missing = [k for k in METRIC_KEYS if k not in metrics]
     if missing:
         raise ValueError(f"metrics lack {missing}; give None where the data has no masks")
+    unmatched = [k for k in METRIC_KEYS if (metrics[k] is None) != (intervals.get(k) is None)]
+    if unmatched:
+        raise ValueError(f"intervals of {unmatched} do not match the metrics: an interval exactly where a metric is")
     return {
         "method": method, "dataset": dataset, "category": category, "preset": preset, "device": device,
         "image_size": int(image_size),
         "metrics": {k: (None if metrics[k] is None else float(metrics[k])) for k in METRIC_KEYS},
+        "intervals": {k: (None if intervals[k] is None else [float(v) for v in intervals[k]]) for k in METRIC_KEYS},
         "train_seconds": float(train_seconds), "infer_images_per_s": float(infer_images_per_s),
         "n_params": int(n_params), "weights": dict(weights),
         "checkpoint": None if checkpoint is None else str(checkpoint), "config_hash": str(config_hash),
@@ -77,7 +85,7 @@ def write_record(record: Mapping[str, Any], root: Path | None = None) -> Path:
     """Write ``record`` and return its path (also logged for the runner, which prints it)."""
     path = record_path(record, root)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2))
+    atomic.write_text(path, json.dumps(record, indent=2))  # a reader (the benchmark) never meets half a record
     log = os.environ.get("ADNB_RECORD_LOG")
     if log:
         with open(log, "a") as fh:

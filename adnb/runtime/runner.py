@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import os
 import shutil
 import tempfile
@@ -25,10 +27,12 @@ import nbformat
 import yaml
 
 from adnb.runtime import paths
+from adnb.runtime.environment import environment
 from adnb.runtime.errors import AdnbError
-from adnb.runtime.presets import chapter_key, load_preset
+from adnb.runtime.presets import chapter_key, load_preset, registered_chapter
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+STAMP_KEY = "adnb"  # an executed chapter's metadata: its preset, the fingerprint of its inputs, its records
 TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "list": list, "dict": dict}
 
 
@@ -53,6 +57,9 @@ def find_notebook(name: str | Path) -> Path:
     matches = [p for p in candidates if p.stem == path.stem or chapter_key(p) == path.stem.lower()]
     if len(matches) == 1:
         return matches[0]
+    method = None if matches else registered_chapter(path.stem)  # a method's own chapter, outside the book
+    if method is not None:
+        return method.notebook.resolve()
     names = ", ".join(p.stem for p in candidates) or "(none found)"
     what = "is ambiguous" if matches else "is not a notebook file or a chapter name"
     raise AdnbError(f"{str(name)!r} {what}; chapters: {names}")
@@ -94,32 +101,30 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def check_parameters(notebook: Path, values: Mapping[str, Any]) -> None:
+def check_parameters(notebook: Path, values: Mapping[str, Any], what: str = "") -> None:
+    """An error naming the valid keys for a key of ``values`` that ``notebook``'s parameters cell does not
+    declare, or a value of another type than its default's (``what`` names the notebook in messages)."""
     declared = notebook_parameters(notebook)
+    what = what or notebook.name
     valid = ", ".join(sorted(declared))
     unknown = sorted(set(values) - set(declared))
     if unknown:
-        raise AdnbError(f"unknown parameter(s) {', '.join(unknown)} for {notebook.name}; valid: {valid}")
+        raise AdnbError(f"unknown parameter(s) {', '.join(unknown)} for {what}; valid: {valid}")
     for key, value in values.items():
         kind = TYPES.get(str(declared[key].get("inferred_type_name")).split("[")[0])
         if kind is None or value is None:
             continue
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             want = declared[key]["inferred_type_name"]
-            raise AdnbError(f"parameter {key}={value!r} of {notebook.name} should be {want} "
+            raise AdnbError(f"parameter {key}={value!r} of {what} should be {want} "
                             f"(default {declared[key]['default']}); {declared[key].get('help') or ''}".rstrip("; "))
 
 
 @contextlib.contextmanager
 def _batch_environment(record_log: Path) -> Iterator[None]:
-    saved = dict(os.environ)
-    os.environ.update({"ADNB_BATCH": "1", "TQDM_DISABLE": "1", "ADNB_RECORD_LOG": str(record_log),
-                       "PYDEVD_DISABLE_FILE_VALIDATION": "1", "MPLBACKEND": "module://matplotlib_inline.backend_inline"})
-    try:
+    with environment(ADNB_BATCH="1", TQDM_DISABLE="1", ADNB_RECORD_LOG=str(record_log),
+                     PYDEVD_DISABLE_FILE_VALIDATION="1", MPLBACKEND="module://matplotlib_inline.backend_inline"):
         yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def finalize(output: Path) -> None:
@@ -215,28 +220,98 @@ def toc_chapters(toc: Path | None = None) -> list[tuple[Path, Path]]:
     return chapters
 
 
-def build(preset: str = "cpu", keep_going: bool = False) -> list[RunResult]:
-    """Execute every chapter of ``_toc.yml`` at ``preset`` into the book tree, in order.
+@functools.lru_cache(maxsize=1)
+def package_fingerprint() -> str:
+    """A hash of what every chapter runs on: the package's code and presets and the pinned requirements."""
+    root = paths.REPO_ROOT
+    files = sorted([*(root / "adnb").rglob("*.py"), *(root / "adnb" / "presets").rglob("*.yaml"),
+                    root / "requirements.txt"])
+    digest = hashlib.sha256()
+    for path in files:
+        if path.is_file():
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
-    The book's records of this preset are its own output: older ones (another configuration, an
-    earlier version) are removed first, so the benchmark compares only what this build produced.
-    Trained weights stay cached; rewriting a record costs an evaluation, not a training.
+
+def chapter_fingerprints(preset: str) -> dict[Path, str]:
+    """For every chapter of the book (source notebook → hash): what its execution at ``preset`` depends on —
+    its notebook, the package, and the chapters before it, whose records the later chapters read."""
+    chain = hashlib.sha256(f"{preset}|{package_fingerprint()}".encode())
+    fingerprints = {}
+    for source, _ in toc_chapters():
+        chain.update(source.read_bytes())
+        fingerprints[source] = chain.hexdigest()[:16]
+    return fingerprints
+
+
+def stamp(result: RunResult, preset: str, fingerprint: str) -> None:
+    """Write into the executed chapter what it was built from and which records it wrote."""
+    nb = nbformat.read(result.output, as_version=4)
+    nb.metadata[STAMP_KEY] = {"preset": preset, "fingerprint": fingerprint, "seconds": round(result.seconds, 1),
+                              "records": [str(p) for p in result.records]}
+    nbformat.write(nb, result.output)
+
+
+def current_book(preset: str) -> list[RunResult] | None:
+    """The book's executed chapters (``book/chapters``) when every one was built at ``preset`` from the
+    notebooks, package and requirements as they are now and its records are still there; else None.
+
+    The notebook tests check these instead of executing the chapters a second time after ``make book``.
     """
-    stale = paths.results_dir() / preset / "embedded"
-    if stale.is_dir():
-        shutil.rmtree(stale)
-    results, failures = [], []
+    fingerprints = chapter_fingerprints(preset)
+    results = []
     for source, executed in toc_chapters():
-        print(f"[{preset}] {source.name} ...", flush=True)
-        try:
-            result = run_notebook(source, preset=preset, output=executed)
-        except NotebookFailed as exc:
-            if not keep_going:
-                raise
-            failures.append(str(exc))
-            continue
-        results.append(result)
-        print(f"[{preset}] {source.name} done in {result.seconds:.0f} s", flush=True)
+        if not executed.is_file():
+            return None
+        info = nbformat.read(executed, as_version=4).metadata.get(STAMP_KEY, {})
+        records = [Path(p) for p in info.get("records", [])]
+        if (info.get("preset"), info.get("fingerprint")) != (preset, fingerprints[source]) or not all(
+                p.is_file() for p in records):
+            return None
+        results.append(RunResult(source, executed, records, float(info.get("seconds", 0.0))))
+    return results
+
+
+@contextlib.contextmanager
+def _results_in(folder: Path) -> Iterator[None]:
+    """Records written meanwhile (by this process and the kernels it starts) go under ``folder``."""
+    saved = os.environ.get("ADNB_RESULTS")
+    os.environ["ADNB_RESULTS"] = str(folder)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("ADNB_RESULTS", None)
+        else:
+            os.environ["ADNB_RESULTS"] = saved
+
+
+def build(preset: str = "cpu", keep_going: bool = False, into: Path | None = None) -> list[RunResult]:
+    """Execute every chapter of ``_toc.yml`` at ``preset`` into the book tree (or the folder ``into``), in order.
+
+    The build writes its records in a folder of its own, ``paths.book_results_dir()``, so the
+    benchmark compares only what this build produced, and the records that ``run``, ``train`` and
+    ``train-all`` write under ``$ADNB_HOME/results`` are never touched. Only the previous build's
+    records of this preset (that folder's ``<preset>/``) are replaced. Trained weights stay cached;
+    rewriting a record costs an evaluation, not a training.
+    """
+    root = paths.book_results_dir()
+    shutil.rmtree(root / preset, ignore_errors=True)  # the previous build's output, nothing else
+    results, failures = [], []
+    fingerprints = chapter_fingerprints(preset)
+    with _results_in(root):
+        for source, executed in toc_chapters():
+            print(f"[{preset}] {source.name} ...", flush=True)
+            try:
+                result = run_notebook(source, preset=preset, output=into / executed.name if into else executed)
+            except NotebookFailed as exc:
+                if not keep_going:
+                    raise
+                failures.append(str(exc))
+                continue
+            stamp(result, preset, fingerprints[source])
+            results.append(result)
+            print(f"[{preset}] {source.name} done in {result.seconds:.0f} s", flush=True)
     if failures:
         raise NotebookFailed(f"{len(failures)} notebook(s) failed:\n" + "\n".join(failures))
     return results
