@@ -50,7 +50,8 @@ book: data
 # (loadfile, not loadgroup: pytest 9.2 drops the xdist_group marks loadgroup needs). Left out: the long
 # end-to-end checks (test-slow, which .ci/run adds), the browser check (check-book) and the live-widget
 # re-execution of every chapter (test-live).
-XDIST := -n auto --dist loadfile
+# --durations: every run names its ten slowest tests, where a cut would pay.
+XDIST := -n auto --dist loadfile --durations=10
 
 test: install
 	$(PY) -m pytest $(XDIST) -m "not slow and not browser and not live"

@@ -188,13 +188,18 @@ def time_training(training: Training, batch: int, *, outer: str, device: torch.d
     return seconds, memory
 
 
-def start_training(method: str, config: Any, images: torch.Tensor, device: torch.device) -> Training:
-    """``method``'s training set up on ``images`` as its ``fit`` sets it up: what ``bench`` times."""
+def training_factory(method: str) -> Callable[..., Training]:
+    """What sets ``method``'s training up; an error naming the reason for a method fitted in one pass."""
     make = spec(method).training
     if make is None:
         raise AdnbError(f"{method} has no training step to time (its fit is one pass over the data); "
                         "bench times methods that train iteratively")
-    return make(config, images, device=device)
+    return make
+
+
+def start_training(method: str, config: Any, images: torch.Tensor, device: torch.device) -> Training:
+    """``method``'s training set up on ``images`` as its ``fit`` sets it up: what ``bench`` times."""
+    return training_factory(method)(config, images, device=device)
 
 
 def time_inference(detector: Detector, images: torch.Tensor, *, outer: str, device: torch.device,
@@ -229,6 +234,7 @@ def bench(method: str, params: Mapping[str, Any] | None = None, *, size: int | N
     """Time ``method``'s training step and inference (see the module docstring)."""
     if steps < 1 or warmup < 0 or infer_images < 1:
         raise AdnbError("steps and inference images must be at least 1, warm-up at least 0")
+    training_factory(method)  # before the config: a one-pass method has no batch size to set
     dev = get_device(device)
     chosen = resolve_precision(precision, dev)
     config = build_config(method, params or {}, size=size, batch=batch)

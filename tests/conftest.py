@@ -13,11 +13,18 @@ drawn once, not once per test. Tests of the generation itself pass their own fol
 
 import os
 
-from adnb.runtime import paths
-
-os.environ.setdefault("ADNB_BATCH", "1")
-os.environ.setdefault("ADNB_DATA", str(paths.data_dir()))
-os.environ["HF_HUB_OFFLINE"] = "1"
+# Before anything imports torch (adnb.runtime does): OpenMP sizes its pool when torch loads, so a
+# variable set later leaves the worker at one thread per core (a small-op test ran 60× slower so).
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ.setdefault("OMP_NUM_THREADS", str(share))
+
+import torch  # noqa: E402
+
+from adnb.runtime import paths  # noqa: E402
+
+if os.environ.get("OMP_NUM_THREADS"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+os.environ.setdefault("ADNB_BATCH", "1")
+os.environ.setdefault("ADNB_DATA", str(paths.data_dir()))
+os.environ["HF_HUB_OFFLINE"] = "1"

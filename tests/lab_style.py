@@ -5,8 +5,9 @@ file (so only the parameters cell's defaults), a fresh ``python3`` kernel in the
 in batch mode (live widgets, progress bars). After ``make book PRESET=cpu`` such a run must
 
 - train nothing: no weights file appears or changes under ``$ADNB_HOME/weights``;
-- write only records the cpu book wrote: every record it writes is an existing file of
-  ``$ADNB_HOME/results/cpu`` with the same config hash (a record's file name carries the hash).
+- write only records the cpu book wrote: every record it writes (under ``$ADNB_HOME/results/cpu``)
+  has a twin of the same name and config hash among the book's records
+  (``$ADNB_HOME/book-results/cpu``; a record's file name carries the hash).
 
 Run it with the ADNB_HOME of that book (``make`` uses ``.adnb``)::
 
@@ -39,9 +40,10 @@ def weights_state() -> dict[str, float]:
     return {str(p): p.stat().st_mtime for p in root.rglob("*.pt")} if root.is_dir() else {}
 
 
-def record_hashes(preset: str = "cpu") -> dict[str, str]:
-    root = paths.results_dir() / preset
-    return {str(p): json.loads(p.read_text()).get("config_hash", "") for p in root.rglob("*.json")} if root.is_dir() else {}
+def record_hashes(root: Path) -> dict[str, str]:
+    """Every record under ``root``, by its path relative to ``root``, with its config hash."""
+    return ({str(p.relative_to(root)): json.loads(p.read_text()).get("config_hash", "") for p in root.rglob("*.json")}
+            if root.is_dir() else {})
 
 
 def run_like_jupyterlab(source: Path) -> tuple[float, list[str]]:
@@ -70,9 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("chapters", nargs="*", help="chapter names (default: every chapter of _toc.yml)")
     args = parser.parse_args(argv)
     sources = [runner.find_notebook(c) for c in args.chapters] or [src for src, _ in runner.toc_chapters()]
-    book_records = record_hashes()
+    book_root, lab_root = paths.book_results_dir() / "cpu", paths.results_dir() / "cpu"
+    book_records = record_hashes(book_root)
     if not book_records:
-        print(f"no cpu records under {paths.results_dir() / 'cpu'}: build the cpu book first (make book PRESET=cpu)")
+        print(f"no cpu records under {book_root}: build the cpu book first (make book PRESET=cpu)")
         return 1
     failed = False
     for source in sources:
@@ -85,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         after = weights_state()
         trained = sorted(p for p in after if before.get(p) != after[p])
-        now = record_hashes()
-        foreign = [p for p in written if p in now and book_records.get(p) != now[p]]
+        now = record_hashes(lab_root)
+        relative = {p: str(Path(p).relative_to(lab_root)) if Path(p).is_relative_to(lab_root) else None
+                    for p in written}
+        foreign = [p for p, rel in relative.items() if rel is None or book_records.get(rel) != now.get(rel)]
         ok = not trained and not foreign
         failed |= not ok
         print(f"{source.stem}: {seconds:.0f} s, {len(written)} record(s) written, {len(trained)} weights file(s) "

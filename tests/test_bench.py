@@ -107,3 +107,9 @@ def test_bench_times_the_step_fit_runs(method):
 def test_a_method_without_a_training_loop_has_no_step_to_time():
     with pytest.raises(AdnbError, match="baseline has no training step to time"):
         bench.bench("baseline", {"image_size": 32}, steps=1, warmup=0, infer_images=8, device="cpu")
+
+
+@pytest.mark.parametrize("method", ["patchcore", "padim"])
+def test_a_batch_size_for_a_one_pass_method_is_refused_with_the_reason(method):
+    with pytest.raises(AdnbError, match=f"{method} has no training step to time"):
+        bench.bench(method, {}, batch=2, steps=1, warmup=0, infer_images=8, device="cpu")
