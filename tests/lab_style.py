@@ -5,9 +5,10 @@ file (so only the parameters cell's defaults), a fresh ``python3`` kernel in the
 in batch mode (live widgets, progress bars). After ``make book PRESET=cpu`` such a run must
 
 - train nothing: no weights file appears or changes under ``$ADNB_HOME/weights``;
-- write only records the cpu book wrote: every record it writes (under ``$ADNB_HOME/results/cpu``)
-  has a twin of the same name and config hash among the book's records
-  (``$ADNB_HOME/book-results/cpu``; a record's file name carries the hash).
+- write only records the cpu book wrote: every record it writes (under ``$ADNB_HOME/results``) has a
+  twin at the same relative path, with the same config hash, among the book's records
+  (``$ADNB_HOME/book-results``; a record's file name carries the hash). The path includes the preset
+  folder: the own-dataset chapter's command-line run uses ``run_preset`` (``ci``), in the book too.
 
 Run it with the ADNB_HOME of that book (``make`` uses ``.adnb``)::
 
@@ -72,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("chapters", nargs="*", help="chapter names (default: every chapter of _toc.yml)")
     args = parser.parse_args(argv)
     sources = [runner.find_notebook(c) for c in args.chapters] or [src for src, _ in runner.toc_chapters()]
-    book_root, lab_root = paths.book_results_dir() / "cpu", paths.results_dir() / "cpu"
+    book_root, lab_root = paths.book_results_dir(), paths.results_dir()
     book_records = record_hashes(book_root)
-    if not book_records:
-        print(f"no cpu records under {book_root}: build the cpu book first (make book PRESET=cpu)")
+    if not any(Path(p).parts[0] == "cpu" for p in book_records):
+        print(f"no cpu records under {book_root / 'cpu'}: build the cpu book first (make book PRESET=cpu)")
         return 1
     failed = False
     for source in sources:
