@@ -51,16 +51,16 @@ book: data
 # end-to-end checks (test-slow, which .ci/run adds), the browser check (check-book) and the live-widget
 # re-execution of every chapter (test-live).
 # --durations: every run names its ten slowest tests, where a cut would pay.
-XDIST := -n auto --dist loadfile --durations=10
+PYTEST_ARGS := -n auto --dist loadfile --durations=10
 
 test: install
-	$(PY) -m pytest $(XDIST) -m "not slow and not browser and not live"
+	$(PY) -m pytest $(PYTEST_ARGS) -m "not slow and not browser and not live"
 
 test-slow: install
-	$(PY) -m pytest $(XDIST) -m "slow and not browser and not live"
+	$(PY) -m pytest $(PYTEST_ARGS) -m "slow and not browser and not live"
 
 test-live: install
-	$(PY) -m pytest $(XDIST) -m live
+	$(PY) -m pytest $(PYTEST_ARGS) -m live
 
 # Widgets (every chapter's interactive figure, adnb/interactive.py) render through jupyterlab_widgets, which ipywidgets brings.
 # JupyterLab refuses to start as root (containers, these project machines) without --allow-root.

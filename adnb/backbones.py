@@ -94,8 +94,10 @@ class Backbone(nn.Module):
             self.frozen = True
             self.requires_grad_(False).eval()
 
-    def load_weights(self, weights: str = "auto") -> WeightSource:
-        """Put ImageNet weights in (``"imagenet"``: required, ``"auto"``: when found) or keep random ones.
+    def load_weights(self, weights: str = "auto", batchnorm_from: torch.Tensor | None = None) -> WeightSource:
+        """Put ImageNet weights in (``"imagenet"``: required, ``"auto"``: when found) or keep random ones,
+        whose BatchNorm statistics are then estimated on ``batchnorm_from`` when given (the normal
+        training images; see ``estimate_batchnorm``).
 
         Returns where they came from (also kept as ``self.source``). ``"imagenet"`` that no source has
         is an error naming the fix; ``"auto"`` falls back to random weights and says so.
@@ -111,6 +113,8 @@ class Backbone(nn.Module):
                 say_offline(f"ImageNet weights for {self.name}", fix_for_offline(self.name),
                             f"randomly initialised {self.name} weights (features will be much weaker)")
             self.source = WeightSource("random", "")
+            if batchnorm_from is not None:
+                self.estimate_batchnorm(batchnorm_from)
             return self.source
         own = self.model.state_dict()
         missing = [k for k in own if k not in found.state]
@@ -135,8 +139,8 @@ class Backbone(nn.Module):
             module.momentum = None
         self.frozen = False
         self.train()
-        for batch in images.split(batch_size):
-            self(batch)
+        for batch in images.split(batch_size):  # batch by batch onto the backbone's device
+            self(batch.to(self.mean.device))
         self.frozen = True
         self.eval()
 

@@ -234,7 +234,7 @@ def bench(method: str, params: Mapping[str, Any] | None = None, *, size: int | N
     """Time ``method``'s training step and inference (see the module docstring)."""
     if steps < 1 or warmup < 0 or infer_images < 1:
         raise AdnbError("steps and inference images must be at least 1, warm-up at least 0")
-    training_factory(method)  # before the config: a one-pass method has no batch size to set
+    make = training_factory(method)  # before the config: a one-pass method has no batch size to set
     dev = get_device(device)
     chosen = resolve_precision(precision, dev)
     config = build_config(method, params or {}, size=size, batch=batch)
@@ -249,7 +249,7 @@ def bench(method: str, params: Mapping[str, Any] | None = None, *, size: int | N
     generator = torch.Generator().manual_seed(seed)
     data = (folder_images(images, config.image_size) if images
             else synthetic_images(N_IMAGES, config.image_size, generator)).to(dev)
-    training = start_training(method, config, data, dev)
+    training = make(config, data, device=dev)
     setup = time.perf_counter() - start
 
     train, train_memory = time_training(training, config.batch_size, outer=outer, device=dev, warmup=warmup,

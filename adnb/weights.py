@@ -73,6 +73,10 @@ class WeightSource:
     def describe(self) -> str:
         return f"{self.kind} ({self.origin})" if self.origin else self.kind
 
+    def record(self, part: str) -> dict[str, str]:
+        """A results record's ``weights`` entries for ``part`` (e.g. ``"backbone"``): kind and origin."""
+        return {part: self.kind, f"{part}_origin": self.origin or "random initialisation"}
+
 
 @lru_cache(maxsize=4)
 def hub_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:

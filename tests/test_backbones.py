@@ -219,6 +219,19 @@ def test_random_weights_get_batchnorm_statistics_of_the_images():
     assert not backbone.training
 
 
+def test_random_weights_loaded_with_training_images_get_their_batchnorm_statistics():
+    images = torch.rand(8, 3, 64, 64) * 0.5 + 0.25
+    estimated, plain = Backbone(LITE0, (1,)), Backbone(LITE0, (1,))
+    source = estimated.load_weights("random", batchnorm_from=images)
+    assert source.kind == "random" and plain.load_weights("random").kind == "random"
+    assert source.record("backbone") == {"backbone": "random", "backbone_origin": "random initialisation"}
+    assert not torch.allclose(estimated.model.bn1.running_mean, plain.model.bn1.running_mean)
+    with torch.no_grad():
+        stem = estimated.model.conv_stem((images - estimated.mean) / estimated.std)
+    assert torch.allclose(estimated.model.bn1.running_mean, stem.mean(dim=(0, 2, 3)), atol=1e-4)
+    assert not estimated.training
+
+
 # --- cache keys and config hashes tell weight sources apart ---------------------------------------------------
 
 

@@ -677,11 +677,9 @@ def fit(config: D3ADConfig, images: torch.Tensor, *, device: torch.device | str 
     seconds["denoiser"] = denoiser["train_seconds"]
     unet.requires_grad_(False).eval()
 
-    backbone = detector.extractor.load_weights(config.weights)
-    if backbone.kind == "random":
-        detector.extractor.estimate_batchnorm(x_train)
-    weights["backbone"] = backbone.kind + (f"+adapted-{config.da_epochs}-epochs" if config.da_epochs else "")
-    weights["backbone_origin"] = backbone.origin or "random initialisation"
+    backbone = detector.extractor.load_weights(config.weights, batchnorm_from=x_train)
+    weights.update(backbone.record("backbone"))
+    weights["backbone"] += f"+adapted-{config.da_epochs}-epochs" if config.da_epochs else ""
     if config.da_epochs:
         seconds["adaptation"] = cached_training(
             _stage(cache, "adaptation", config, DA_FIELDS), detector.extractor,

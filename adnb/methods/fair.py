@@ -24,7 +24,6 @@ fp32 (each says why where it does).
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -393,10 +392,7 @@ def fit(config: FairConfig, images: torch.Tensor, *, device: torch.device | str 
     if restored is not None:
         return restored.to(device).eval()
     training = FairTraining(config, images, device=device)
-    history = training.run(config.epochs, cache, desc=f"FAIR c={config.width}")
-    start = time.perf_counter()
-    training.finish()
-    seconds = sum(h["seconds"] for h in history) + time.perf_counter() - start
+    history, seconds = training.run_and_finish(config.epochs, cache, desc=f"FAIR c={config.width}")
     steps = training.steps * config.epochs
     detector = training.detector
     detector.store(cache, seconds, weights={"all": "trained-here"}, textures=training.textures.kind,

@@ -159,17 +159,14 @@ def fit(config: PaDiMConfig, images: torch.Tensor, *, device: torch.device | str
         raise AdnbError(f"PaDiM needs at least 2 training images for a covariance; got {len(images)}")
     start = time.perf_counter()
     detector.to(device)
-    source = detector.backbone.load_weights(config.weights)
-    if source.kind == "random":
-        detector.backbone.estimate_batchnorm(images.to(device))
+    source = detector.backbone.load_weights(config.weights, batchnorm_from=images)
     x = torch.cat([detector.embeddings(b.to(device)).flatten(2) for b in images.split(16)])
     x = x.permute(2, 0, 1)  # (P, N, d): the training images' embeddings at each position
     seconds = {"features": time.perf_counter() - start}
     mean, inverse, facts = gaussians(x, config)
     detector.mean, detector.inverse = mean.float().contiguous(), inverse.float().contiguous()
     seconds["gaussians"] = time.perf_counter() - start - seconds["features"]
-    weights = {"backbone": source.kind, "backbone_origin": source.origin or "random initialisation"}
-    return detector.store(cache, sum(seconds.values()), stage_seconds=seconds, weights=weights,
+    return detector.store(cache, sum(seconds.values()), stage_seconds=seconds, weights=source.record("backbone"),
                           features=len(detector.index), precision=detector.precision, **facts).eval()
 
 

@@ -171,15 +171,13 @@ def fit(config: PatchCoreConfig, images: torch.Tensor, *, device: torch.device |
         return detector.to(device).eval()
     start = time.perf_counter()
     detector.to(device)
-    source = detector.backbone.load_weights(config.weights)
-    if source.kind == "random":
-        detector.backbone.estimate_batchnorm(images.to(device))
+    source = detector.backbone.load_weights(config.weights, batchnorm_from=images)
     vectors = torch.cat([detector.patches(b.to(device)).permute(0, 2, 3, 1).flatten(0, 2) for b in images.split(16)])
     seconds = {"features": time.perf_counter() - start}
     detector.bank = memory_bank(vectors, config).contiguous()
     seconds["memory_bank"] = time.perf_counter() - start - seconds["features"]
-    weights = {"backbone": source.kind, "backbone_origin": source.origin or "random initialisation"}
-    return detector.store(cache, sum(seconds.values()), stage_seconds=seconds, weights=weights, patches=len(vectors),
+    return detector.store(cache, sum(seconds.values()), stage_seconds=seconds, weights=source.record("backbone"),
+                          patches=len(vectors),
                           bank=len(detector.bank), precision=detector.precision).eval()
 
 

@@ -47,7 +47,6 @@ normalisation, exp(s) ⊙ x + t, the 1×1 convolution and its matrix, so also ev
 from __future__ import annotations
 
 import math
-import time
 from functools import lru_cache
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -461,7 +460,7 @@ class PyramidFlow(Detector):
         if self.config.encoder == "none":
             return {}
         source = self.encoder.load_weights(self.config.weights)
-        return {"encoder": source.kind, "encoder_origin": source.origin or "random initialisation"}
+        return source.record("encoder")
 
     def log_dets(self, images: torch.Tensor) -> torch.Tensor:
         """log|det J| of every coupling block for each image (B × blocks), in the current mode."""
@@ -596,10 +595,7 @@ def fit(config: PyramidFlowConfig, images: torch.Tensor, *, device: torch.device
     if restored is not None:
         return restored.to(device).eval()
     training = PyramidFlowTraining(config, images, device=device)
-    history = training.run(config.epochs, cache, desc=f"PyramidFlow ({config.epochs} epochs)")
-    start = time.perf_counter()
-    training.finish()
-    seconds = sum(h["seconds"] for h in history) + time.perf_counter() - start
+    history, seconds = training.run_and_finish(config.epochs, cache, desc=f"PyramidFlow ({config.epochs} epochs)")
     detector = training.detector
     detector.store(cache, seconds, weights=training.weights, history=history, precision=detector.precision)
     return detector.eval()

@@ -417,10 +417,9 @@ class RealNetTraining(Training):
         self.images = images = images.to(device)
         self.n_images = len(images)
         detector.to(device).eval()
-        backbone = detector.backbone.load_weights(config.weights)
-        self.weights = {"backbone": backbone.kind, "backbone_origin": backbone.origin or "random initialisation"}
+        backbone = detector.backbone.load_weights(config.weights, batchnorm_from=images)
+        self.weights = backbone.record("backbone")
         if backbone.kind == "random":
-            detector.backbone.estimate_batchnorm(images)
             self.weights["backbone_batchnorm"] = "estimated on the training images"
         self.foreground = foreground_masks(images, config.foreground, config.foreground_kernel)
         if config.afs == "afs":

@@ -70,3 +70,12 @@ class Training(ABC):
     def run(self, epochs: int, checkpoint: CacheEntry | None = None, desc: str = "training") -> list[dict[str, Any]]:
         """``epochs`` epochs through ``train_loop`` (resuming from ``checkpoint``'s last finished epoch)."""
         return train_loop(epochs, self.epoch, self.state(), checkpoint, desc=desc)
+
+    def run_and_finish(self, epochs: int, checkpoint: CacheEntry | None = None,
+                       desc: str = "training") -> tuple[list[dict[str, Any]], float]:
+        """``run``, then ``finish``: the history and the training seconds, Σ epoch seconds + ``finish``'s
+        (the epochs' own, so a resumed run counts the interrupted process's epochs too)."""
+        history = self.run(epochs, checkpoint, desc)
+        start = time.perf_counter()
+        self.finish()
+        return history, sum(h["seconds"] for h in history) + time.perf_counter() - start
