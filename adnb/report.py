@@ -169,12 +169,14 @@ def by_protocol(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return dict(sorted(groups.items(), key=lambda kv: (-kv[1]["series"].nunique(), kv[0] != NATIVE, kv[0])))
 
 
+def distinct(values: pd.Series) -> str:
+    """A column's distinct values in order of appearance, joined by " | " (one value: as it is)."""
+    return " | ".join(dict.fromkeys(str(v) for v in values))
+
+
 def protocol_table(frame: pd.DataFrame, order: Sequence[str]) -> pd.DataFrame:
     """Per series, how its numbers were made: image size, evaluation resolution (the protocol), the
     networks' precision, test images per category and the interval method."""
-    def distinct(values: pd.Series) -> str:
-        return " | ".join(dict.fromkeys(str(v) for v in values))
-
     table = frame.groupby("series").agg(image_size=("image_size", distinct), evaluated_at=("protocol", distinct),
                                         precision=("precision", distinct), test_images=("n_test", distinct),
                                         categories=("category", "nunique"))
@@ -242,9 +244,6 @@ def quality_table(frame: pd.DataFrame, order: Sequence[str]) -> Quality:
 def cost_table(frame: pd.DataFrame, order: Sequence[str]) -> pd.DataFrame:
     """Per series: parameters, mean training seconds per category, mean inference images/s, the
     largest peak memory, the image size(s), the weights that ran and the device(s)."""
-    def distinct(values: pd.Series) -> str:
-        return " | ".join(dict.fromkeys(str(v) for v in values))
-
     cost = frame.groupby("series").agg(
         params_M=("n_params", lambda s: s.max() / 1e6), train_s_per_category=("train_seconds", "mean"),
         infer_images_per_s=("infer_images_per_s", "mean"), peak_memory_MB=("peak_memory_mb", "max"),
