@@ -146,3 +146,47 @@ def test_a_book_build_keeps_every_record_it_did_not_write(tmp_path, monkeypatch)
     assert result.records == [paths.book_results_dir() / "ci" / "fixture" / "none" / "tiny-fixture.json"]
     assert not previous.exists()  # the previous build's record of this preset is replaced
     assert "ADNB_RESULTS" not in __import__("os").environ
+
+
+def _chapter(path: Path, code: str) -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell('preset: str = "cpu"', metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell(code)]
+    nbformat.write(nb, path)
+    return path
+
+
+WRITER = '''import os, time
+from pathlib import Path
+from adnb.runtime.records import make_record, write_record
+meet = Path(os.environ["MEET"])
+(meet / "{me}").touch()
+deadline = time.monotonic() + 60
+while not (meet / "{other}").exists():  # only a build that runs both chapters at once gets past this
+    assert time.monotonic() < deadline, "the other chapter never started while this one ran"
+    time.sleep(0.1)
+write_record(make_record(method="{me}", dataset="fixture", category="none", preset=preset, device="cpu", image_size=1,
+                         metrics={{"image_auroc": 0.5, "pixel_auroc": None, "aupro": None}},
+                         intervals={{"image_auroc": [0.4, 0.6], "pixel_auroc": None, "aupro": None}},
+                         train_seconds=0, infer_images_per_s=0, n_params=0, weights={{}}, checkpoint=None,
+                         config_hash="fixture"))
+'''
+
+
+def test_a_book_build_runs_chapters_at_once_and_a_reader_of_records_after_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEET", str(tmp_path))
+    sources = [_chapter(tmp_path / "a.ipynb", WRITER.format(me="a", other="b")),
+               _chapter(tmp_path / "b.ipynb", WRITER.format(me="b", other="a")),
+               _chapter(tmp_path / "reader.ipynb", "from adnb.runtime.records import load_records\n"
+                                                   "assert sorted(r['method'] for r in load_records()) == ['a', 'b']")]
+    monkeypatch.setattr(runner, "toc_chapters", lambda: [(s, tmp_path / "out" / s.name) for s in sources])
+    assert [runner.reads_records(s) for s in sources] == [False, False, True]
+    built = runner.build("ci", jobs=2)
+    assert [r.notebook for r in built] == sources  # in the book's order, whichever finished first
+    assert [len(r.records) for r in built] == [1, 1, 0]
+
+
+def test_the_chapters_that_read_records_are_the_benchmark_and_the_own_dataset():
+    assert [source.name for source, _ in runner.toc_chapters() if runner.reads_records(source)] == [
+        "06_benchmark.ipynb", "07_own_dataset.ipynb"]
