@@ -21,14 +21,18 @@ domain adaptation).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from adnb.runtime.errors import AdnbError
 from adnb.weights import SOURCES, WeightSource, find_imagenet, fix_for_offline, say_offline
+
+C = TypeVar("C")  # a method's config dataclass
 
 # The book's always-available ImageNet backbone (pip weights): lite0 rather than lite2. Measured with the
 # feature-kNN reference at the cpu preset (224², stages 2–3): lite2 took about twice the time (embedded dataset,
@@ -154,6 +158,12 @@ def resolve_weights(name: str, weights: str) -> str:
     if weights != "auto":
         return weights
     return _available(name)
+
+
+def with_weights_resolved(config: C) -> C:
+    """``config`` (a dataclass with ``backbone`` and ``weights`` fields) with its weights resolved
+    (``resolve_weights``): what a method's ``resolve`` returns, so its cache key names what runs."""
+    return dataclasses.replace(config, weights=resolve_weights(config.backbone, config.weights))
 
 
 @lru_cache(maxsize=16)  # asked once per process: the message is printed once, the files read once

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adnb.backbones import Backbone, resolve_weights
+from adnb.backbones import Backbone, with_weights_resolved
 from adnb.data.layout import Category, split_holdout
 from adnb.diffusion import Schedule, ddim_step, epsilon_loss, linear_schedule, model_eps, q_sample
 from adnb.diffusion.training import DenoiserTraining
@@ -702,7 +702,7 @@ def resolve(params: Mapping[str, Any], category: Category | None = None) -> D3AD
     the extractor's weights resolved, so the cache key names what actually runs."""
     latent = resolve_latent(str(params.get("latent") or "small"))
     config = config_from(D3ADConfig, {**params, "latent": latent})
-    return dataclasses.replace(config, weights=resolve_weights(config.backbone, config.weights))
+    return with_weights_resolved(config)
 
 
 METHOD = register(MethodSpec("d3ad", D3AD, fit, training=D3ADTraining, resolve=resolve))

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from adnb.backbones import DEFAULT_BACKBONE, Backbone, resolve_weights
+from adnb.backbones import DEFAULT_BACKBONE, Backbone, with_weights_resolved
 from adnb.data.layout import Category
 from adnb.methods.base import Detector, Prediction, config_from
 from adnb.methods.patchcore import SIGMA_SIZE, patch_features, smooth_map
@@ -173,7 +173,7 @@ def fit(config: PaDiMConfig, images: torch.Tensor, *, device: torch.device | str
 def resolve(params: Mapping[str, Any], category: Category | None = None) -> PaDiMConfig:
     """The config with the backbone's weights resolved (the cache key names what runs)."""
     config = config_from(PaDiMConfig, params)
-    return replace(config, weights=resolve_weights(config.backbone, config.weights))
+    return with_weights_resolved(config)
 
 
 # A reference row: its parameters are the benchmark chapter's, which trains it.

@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import kornia
 import torch
 import torch.nn.functional as F
 
-from adnb.backbones import DEFAULT_BACKBONE, Backbone, resolve_weights
+from adnb.backbones import DEFAULT_BACKBONE, Backbone, with_weights_resolved
 from adnb.coreset import PROJECTION_DIM, coreset_indices
 from adnb.data.layout import Category
 from adnb.methods.base import Detector, Prediction, config_from
@@ -184,7 +184,7 @@ def fit(config: PatchCoreConfig, images: torch.Tensor, *, device: torch.device |
 def resolve(params: Mapping[str, Any], category: Category | None = None) -> PatchCoreConfig:
     """The config with the backbone's weights resolved (the cache key names what runs)."""
     config = config_from(PatchCoreConfig, params)
-    return replace(config, weights=resolve_weights(config.backbone, config.weights))
+    return with_weights_resolved(config)
 
 
 def variant(config: PatchCoreConfig) -> str:

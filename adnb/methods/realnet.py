@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adnb.backbones import Backbone, resolve_weights
+from adnb.backbones import Backbone, with_weights_resolved
 from adnb.data.layout import Category, list_categories, load_category
 from adnb.diffusion.sdas import SDAS, SDASConfig, fit_sdas, sdas_images
 from adnb.methods.base import Detector, Prediction, Prepared, config_from
@@ -493,11 +493,10 @@ SDAS_PARAMS = {"sdas_size": "image_size", "sdas_channels": "channels", "sdas_att
 
 def resolve(params: Mapping[str, Any], category: Category | None = None) -> RealNetConfig:
     """The config for ``category``: its official foreground rule, and the backbone weights that will run."""
-    config = config_from(RealNetConfig, params)
-    changes: dict[str, Any] = {"weights": resolve_weights(config.backbone, config.weights)}
+    config = with_weights_resolved(config_from(RealNetConfig, params))
     if category is not None:
-        changes["foreground"] = foreground_rule(category.dataset, category.name)
-    return replace(config, **changes)
+        config = replace(config, foreground=foreground_rule(category.dataset, category.name))
+    return config
 
 
 def sdas_config(params: Mapping[str, Any]) -> SDASConfig:

@@ -319,11 +319,13 @@ def build(preset: str = "cpu", keep_going: bool = False, into: Path | None = Non
           jobs: int | None = None) -> list[RunResult]:
     """Execute every chapter of ``_toc.yml`` at ``preset`` into the book tree (or the folder ``into``).
 
-    Up to ``jobs`` chapters run at once (default ``build_jobs()``), each in a process of its own with the
-    cores split between the chapters that can run; a chapter that reads the records of others
-    (``reads_records``) starts once every chapter before it in the book has finished. Of the chapters
-    ready to start, the one the last build of this preset spent longest on goes first (book order when
-    there was none), so that a long chapter does not end up running alone at the end.
+    Up to ``jobs`` chapters run at once (default ``build_jobs()``), each in a process of its own on an
+    equal share of the cores, also when it runs alone: every training second of one build is measured
+    at the same thread count, so the benchmark's cost table compares like with like. A chapter that
+    reads the records of others (``reads_records``) starts once every chapter before it in the book has
+    finished. Of the chapters ready to start, the one the last build of this preset spent longest on
+    goes first (book order when there was none), so that a long chapter does not end up running alone
+    at the end.
 
     The build writes its records in a folder of its own, ``paths.book_results_dir()``, so the
     benchmark compares only what this build produced, and the records that ``run``, ``train`` and
@@ -337,6 +339,7 @@ def build(preset: str = "cpu", keep_going: bool = False, into: Path | None = Non
     from adnb.schedule.executors import usable_cpus
 
     jobs = max(1, jobs or build_jobs())
+    share = max(1, usable_cpus() // jobs)
     root = paths.book_results_dir()
     chapters = toc_chapters()
     order = [source for source, _ in chapters]
@@ -357,9 +360,7 @@ def build(preset: str = "cpu", keep_going: bool = False, into: Path | None = Non
 
     with _results_in(root), ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         while True:
-            startable = ready()
-            share = max(1, usable_cpus() // min(jobs, len(running) + len(startable) or 1))
-            for source in startable[:jobs - len(running)]:
+            for source in ready()[:jobs - len(running)]:
                 print(f"[{preset}] {source.name} ... ({share} thread(s))", flush=True)
                 running[pool.submit(_run_chapter, source, preset, output[source], share)] = source
                 pending.remove(source)
