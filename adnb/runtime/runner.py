@@ -296,8 +296,8 @@ def build_jobs() -> int:
     """Chapters the book build runs at once: two where there are two cores or more (``$ADNB_BOOK_JOBS`` to
     change it). A training step at one thread took 1.24× (D3AD) to 1.59× (FAIR) the time it took at two
     (``adnb bench <method> --preset cpu``, 2 cores with AVX512-BF16), so two chapters at one thread each
-    finish sooner than the same two one after the other at two threads: the ``cpu`` book in 781 s instead
-    of 1,070 s on that machine."""
+    finish sooner than the same two one after the other at two threads: the ``cpu`` book (fresh clone, empty
+    cache, install included) in 871 s instead of 1,070 s on that machine."""
     from adnb.schedule.executors import usable_cpus
 
     return int(os.environ.get("ADNB_BOOK_JOBS") or min(2, usable_cpus()))
@@ -309,12 +309,6 @@ def previous_seconds(executed: Path, preset: str) -> float:
         return 0.0
     info = nbformat.read(executed, as_version=4).metadata.get(STAMP_KEY, {})
     return float(info.get("seconds", 0.0)) if info.get("preset") == preset else 0.0
-
-
-def _run_chapter(source: Path, preset: str, output: Path, threads: int) -> RunResult:
-    """One chapter in a process of its own, on its share of the cores (its kernel inherits the share)."""
-    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
-    return run_notebook(source, preset=preset, output=output)
 
 
 def build(preset: str = "cpu", keep_going: bool = False, into: Path | None = None,
@@ -339,6 +333,7 @@ def build(preset: str = "cpu", keep_going: bool = False, into: Path | None = Non
     from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 
     from adnb.schedule.executors import usable_cpus
+    from adnb.schedule.worker import init_local_worker
 
     jobs = max(1, jobs or build_jobs())
     share = max(1, usable_cpus() // jobs)
@@ -360,11 +355,14 @@ def build(preset: str = "cpu", keep_going: bool = False, into: Path | None = Non
         done = set(results) | set(failed)
         return [s for s in pending if not waits[s] or all(b in done for b in order[:order.index(s)])]
 
-    with _results_in(root), ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # each pool process takes its share of the cores before anything sizes a thread pool; a chapter's kernel
+    # inherits it through OMP_NUM_THREADS
+    with _results_in(root), ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=init_local_worker, initargs=(share,)) as pool:
         while True:
             for source in ready()[:jobs - len(running)]:
                 print(f"[{preset}] {source.name} ... ({share} thread(s))", flush=True)
-                running[pool.submit(_run_chapter, source, preset, output[source], share)] = source
+                running[pool.submit(run_notebook, source, preset=preset, output=output[source])] = source
                 pending.remove(source)
             if not running:
                 break
